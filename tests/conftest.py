@@ -1,0 +1,60 @@
+"""Shared fixtures: an isolated model cache, tiny-model configs in a temp run folder, and a
+finished tiny SFT stage that the RM and PPO tests build on (trained once per session)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = REPO / "configs" / "tiny.yaml"
+
+# Built models are cached per user by default; tests keep their own cache unless one is given
+# (CI shares one between runs so the embedded SmolLM2 is converted once).
+os.environ.setdefault("RLHF_CACHE", str(REPO / ".cache" / "rlhf"))
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def write_config(tmp_path: Path, overrides: dict | None = None, base: Path = TINY, name: str = "pipeline.yaml") -> Path:
+    """Copy a config into tmp_path with output_dir inside tmp_path, data paths absolute, and
+    `overrides` (a nested dict) merged in."""
+    raw = yaml.safe_load(base.read_text())
+    raw["output_dir"] = str(tmp_path / "runs")
+    for stage in ("sft", "rm", "ppo"):
+        data = (raw.get(stage) or {}).get("data") or {}
+        for key in ("path", "eval_path"):
+            if data.get(key) and not Path(data[key]).is_absolute():
+                data[key] = str(REPO / data[key])
+
+    def merge(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v)
+            else:
+                dst[k] = v
+
+    merge(raw, overrides or {})
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path) -> Path:
+    return write_config(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_run(tmp_path_factory) -> Path:
+    """A config file whose run folder already holds a finished tiny SFT stage."""
+    from rlhf.config import load_config
+    from rlhf.sft import run
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    path = write_config(tmp)
+    run(load_config(path))
+    return path
