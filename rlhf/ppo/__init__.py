@@ -11,3 +11,10 @@ out by hand:
 This file deliberately imports nothing, so importing one submodule does not pull in the
 model-facing parts of the package.
 """
+
+
+def run(cfg, fresh: bool = False):
+    """Stage entry point (`rlhf.ppo.run(cfg)`, like `rlhf.sft.run`); see rlhf.ppo.stage."""
+    from rlhf.ppo.stage import run as run_stage
+
+    return run_stage(cfg, fresh=fresh)

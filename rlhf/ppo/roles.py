@@ -1,0 +1,171 @@
+"""The four PPO roles on one frozen base (PPO.md, "Roles on one base").
+
+`sft/model` is loaded once and frozen. Three LoRA adapters sit on it:
+- `policy`: new, trainable (LoRA dropout 0: PPO runs without dropout);
+- `reward`: the RM stage's LoRA weights, frozen, with its score head (a Linear(hidden, 1));
+- `value`: a copy of the reward adapter and head, trainable (critic initialised from the RM,
+  as in InstructGPT, N+, DeepSpeed-Chat and OpenRLHF);
+and the reference policy is the base with every adapter disabled, which is exactly the SFT
+model because SFT was merged into the base.
+
+Adapters are switched with `use_adapter`, which sets peft's per-layer active adapter directly.
+peft's own `set_adapter`/`disable_adapter` also flip `requires_grad` on adapter weights (only
+the active adapter stays trainable), which would silently freeze the value adapter while the
+policy is active; switching the flag alone leaves the trainable set as built here.
+
+The heads live outside peft (plain Linear modules in the base's dtype), so "modules_to_save
+must follow the active adapter" cannot go wrong: each role applies its own head explicitly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+SCORE_HEAD_FILE = "score_head.safetensors"
+
+
+@dataclass
+class Roles:
+    """One peft model with adapters policy/reward/value, and the reward and value heads."""
+
+    model: nn.Module  # peft PeftModel around the causal LM
+    reward_head: nn.Linear
+    value_head: nn.Linear
+    value_on_policy: bool = False  # the cheaper variant: value head on the policy adapter's hidden states
+
+    @property
+    def backbone(self) -> nn.Module:
+        """The transformer body (hidden states, no LM head) of the wrapped causal LM."""
+        lm = self.model.get_base_model()
+        return getattr(lm, lm.base_model_prefix)
+
+    def policy_parameters(self) -> list[nn.Parameter]:
+        return [p for n, p in self.model.named_parameters() if ".policy." in n and p.requires_grad]
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        adapter = [] if self.value_on_policy else [p for n, p in self.model.named_parameters() if ".value." in n and p.requires_grad]
+        return adapter + list(self.value_head.parameters())
+
+
+def _tuner_layers(model: nn.Module):
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextlib.contextmanager
+def use_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Run the block with only adapter `name` active (None: all adapters off = the reference model).
+
+    Leaves `requires_grad` untouched (see the module docstring) and restores the previous state."""
+    layers = _tuner_layers(model)
+    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    try:
+        for m in layers:
+            if name is None:
+                m._disable_adapters = True
+            else:
+                m._active_adapter = [name]
+                m._disable_adapters = False
+        yield
+    finally:
+        for m, (active, disabled) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters = active, disabled
+
+
+def load_score_head(adapter_dir: Path, hidden_size: int, dtype: torch.dtype) -> nn.Linear:
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / SCORE_HEAD_FILE
+    tensors = load_file(str(path))
+    weight = tensors["weight"]
+    if weight.shape != (1, hidden_size):
+        raise ValueError(f"{path}: score head has shape {tuple(weight.shape)}, expected (1, {hidden_size})")
+    head = nn.Linear(hidden_size, 1, bias="bias" in tensors, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(dtype))
+        if "bias" in tensors:
+            head.bias.copy_(tensors["bias"].to(dtype))
+    return head
+
+
+def _adapter_lora_config(adapter_dir: Path):
+    """The RM adapter's LoRA config, re-targeted at the causal LM (no score head in modules_to_save)."""
+    from peft import LoraConfig
+
+    raw = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    cfg = LoraConfig(
+        r=raw["r"], lora_alpha=raw["lora_alpha"], lora_dropout=0.0, target_modules=raw["target_modules"],
+        bias=raw.get("bias", "none"), use_rslora=raw.get("use_rslora", False), task_type="CAUSAL_LM",
+    )
+    return cfg
+
+
+def _load_lora_weights(model: nn.Module, adapter_dir: Path, adapter_name: str) -> None:
+    """Load the LoRA weights of a saved adapter into the already-added adapter `adapter_name`."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    lora_state = {k: v for k, v in state.items() if "lora_" in k}
+    if not lora_state:
+        raise ValueError(f"{adapter_dir}: no LoRA weights found in adapter_model.safetensors")
+    result = set_peft_model_state_dict(model, lora_state, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"{adapter_dir}: {len(unexpected)} LoRA weights do not fit the base model (first: {unexpected[0]})")
+    expected = {n for n, _ in model.named_parameters() if f".{adapter_name}." in n and "lora_" in n}
+    missing = [k for k in getattr(result, "missing_keys", []) if k in expected]
+    if missing:
+        raise ValueError(f"{adapter_dir}: {len(missing)} LoRA weights of adapter '{adapter_name}' were not in the file (first: {missing[0]})")
+
+
+def build_roles(
+    base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False
+) -> Roles:
+    """Wrap a loaded causal LM (`sft/model`) into the four PPO roles.
+
+    base: AutoModelForCausalLM, frozen here. policy_lora: a peft LoraConfig for the policy (its
+    dropout is forced to 0). reward_adapter_dir: the RM stage's `rm/adapter` (LoRA weights +
+    score_head.safetensors)."""
+    from peft import get_peft_model
+
+    base.requires_grad_(False)
+    policy_lora.lora_dropout = 0.0
+    model = get_peft_model(base, policy_lora, adapter_name="policy")
+    reward_cfg = _adapter_lora_config(reward_adapter_dir)
+    model.add_adapter("reward", reward_cfg)
+    _load_lora_weights(model, reward_adapter_dir, "reward")
+    hidden = base.config.get_text_config().hidden_size
+    dtype = next(base.parameters()).dtype
+    reward_head = load_score_head(reward_adapter_dir, hidden, dtype).requires_grad_(False)
+    value_head = load_score_head(reward_adapter_dir, hidden, dtype).requires_grad_(True)
+    if not value_on_policy:
+        model.add_adapter("value", reward_cfg)
+        _load_lora_weights(model, reward_adapter_dir, "value")
+    # Trainable set, fixed from here on: policy LoRA, value LoRA, value head. Nothing else.
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name and (".policy." in name or ".value." in name))
+    device = next(base.parameters()).device
+    model.eval()  # dropout off in every role, for the whole run (PPO.md item 3)
+    return Roles(model, reward_head.to(device).eval(), value_head.to(device).eval(), value_on_policy)
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that skip left padding: cumsum(mask) - 1, clamped at 0 (PPO.md item 2)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def head_forward(roles: Roles, adapter: str, head: nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Backbone with `adapter` active, then a scalar head at every position: (B, T) float32."""
+    with use_adapter(roles.model, adapter):
+        hidden = roles.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+    return head(hidden).squeeze(-1).float()

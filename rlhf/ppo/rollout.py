@@ -1,0 +1,171 @@
+"""Rollouts: sample responses with the policy, then score them with every role (PPO.md items 1-7).
+
+Shapes: B prompts per batch, P = longest prompt in the batch (prompts left-padded), R =
+`response_length` (responses right-padded to exactly R, so every forward pass of a rollout has
+the same (B, P + R) shape whatever the batch grouping).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Callable
+
+import torch
+
+from rlhf.ppo.advantages import last_valid_index
+from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.roles import Roles, head_forward, position_ids, use_adapter
+
+
+# A scorer used instead of the reward model: (query_ids (B, P), response_ids (B, R),
+# response_mask (B, R)) -> scores (B,). Tests use it for a hand-written reward.
+RewardFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Rollout:
+    """Everything one PPO step needs about its sampled responses. Float tensors are float32."""
+
+    query_ids: torch.Tensor  # (B, P) prompt tokens, left-padded with pad_id
+    query_mask: torch.Tensor  # (B, P) bool, True on real prompt tokens
+    response_ids: torch.Tensor  # (B, R) sampled tokens; pad_id after the stop token
+    response_mask: torch.Tensor  # (B, R) bool, True up to and including the stop token
+    logprobs: torch.Tensor  # (B, R) policy log π(a_t | s_t) at temperature T; 0 where masked
+    ref_logprobs: torch.Tensor  # (B, R) reference (adapters off) log-probs at temperature T; 0 where masked
+    values: torch.Tensor  # (B, R) value estimate V(s_t) before each response token; 0 where masked
+    scores: torch.Tensor  # (B,) raw RM score at the last real token of prompt + response
+    has_stop: torch.Tensor  # (B,) bool, the response contains the stop token
+    entropy: torch.Tensor  # (B, R) policy entropy at temperature T; 0 where masked
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P + R) prompt and response."""
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P + R) long mask: real prompt tokens and response tokens up to the stop token."""
+        return torch.cat([self.query_mask, self.response_mask], dim=1).long()
+
+    def select(self, index: torch.Tensor) -> Rollout:
+        """The rows `index` of every tensor (a mini- or micro-batch)."""
+        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists → (ids (B, P), mask (B, P) bool), left-padded to the longest (PPO.md item 2)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.bool)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = True
+    return ids.to(device), mask.to(device)
+
+
+def truncate_at_stop(tokens: torch.Tensor, stop_id: int | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cut each response after its first stop token (PPO.md item 5).
+
+    tokens: (B, R) generated ids. Returns (tokens with pad_id after the stop token (B, R),
+    mask (B, R) bool — True up to and including the first stop token, or everywhere when there is
+    none, has_stop (B,) bool). Masks come from positions, never from `tokens != pad_id`: when pad
+    and EOS are the same id, that test would hide the real EOS (item 1)."""
+    B, R = tokens.shape
+    if stop_id is None:
+        return tokens, torch.ones_like(tokens, dtype=torch.bool), torch.zeros(B, dtype=torch.bool, device=tokens.device)
+    is_stop = tokens == stop_id
+    has_stop = is_stop.any(dim=1)
+    first = torch.where(has_stop, is_stop.float().argmax(dim=1), torch.full_like(has_stop, R, dtype=torch.long))
+    positions = torch.arange(R, device=tokens.device).expand(B, R)
+    mask = positions <= first.unsqueeze(1)
+    return tokens.masked_fill(~mask, pad_id), mask, has_stop
+
+
+@torch.no_grad()
+def generate(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, response_length: int, temperature: float,
+             stop_id: int | None, pad_id: int) -> torch.Tensor:
+    """Sample (B, R) response tokens with the policy adapter: temperature T, top_k 0, top_p 1
+    (PPO.md item 4), KV cache on, no repetition penalty. `generate` gets the attention mask only
+    and derives positions itself. Responses that stop early are right-padded to exactly R."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=response_length, min_new_tokens=0,
+        eos_token_id=stop_id, pad_token_id=pad_id, use_cache=True, repetition_penalty=1.0,
+    )
+    with use_adapter(roles.model, "policy"):
+        out = roles.model.generate(input_ids=query_ids, attention_mask=query_mask.long(), generation_config=config)
+    response = out[:, query_ids.shape[1]:]
+    if response.shape[1] < response_length:
+        fill = torch.full((response.shape[0], response_length - response.shape[1]), pad_id, dtype=response.dtype,
+                          device=response.device)
+        response = torch.cat([response, fill], dim=1)
+    return response
+
+
+def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                      temperature: float, adapter: str | None, need_values: bool = False):
+    """Log-probs (B, R) of the response tokens under `adapter` (None = reference), computed from
+    logits / T; plus the entropy (B, R) and, for the value-on-policy variant, values (B, R).
+
+    Only the last R + 1 positions go through the LM head (`logits_to_keep`), since the prompt's
+    next-token logits are never used."""
+    R = response_ids.shape[1]
+    with use_adapter(roles.model, adapter):
+        out = roles.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                          use_cache=False, logits_to_keep=R + 1, output_hidden_states=need_values)
+    logits = out.logits[:, :-1]  # position P-1+t predicts response token t
+    logprobs = logprobs_from_logits(logits, response_ids, temperature)
+    values = None
+    if need_values:
+        hidden = out.hidden_states[-1][:, -R - 1:-1]
+        values = roles.value_head(hidden).squeeze(-1).float()
+    return logprobs, logits, values
+
+
+def token_values(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> torch.Tensor:
+    """(B, R) critic values V(s_t) for the state before each response token (value adapter + head)."""
+    return head_forward(roles, "value", roles.value_head, input_ids, attention_mask)[:, -R - 1:-1]
+
+
+def sequence_scores(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B,) reward-model scores at the last real token of prompt + response (PPO.md item 7): the
+    stop token when there is one, never a pad position."""
+    per_token = head_forward(roles, "reward", roles.reward_head, input_ids, attention_mask)
+    last = last_valid_index(attention_mask.bool())
+    return per_token.gather(1, last.unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, *, response_length: int,
+                    temperature: float, stop_id: int | None, pad_id: int, micro_batch_size: int,
+                    reward_fn: RewardFn | None = None) -> Rollout:
+    """Generate responses for a batch of left-padded prompts and evaluate them with every role.
+
+    The forward passes run in micro-batches of `micro_batch_size`, the size the update uses.
+    `reward_fn`, if given, replaces the reward model: a rule-based or external scorer."""
+    tokens = generate(roles, query_ids, query_mask, response_length, temperature, stop_id, pad_id)
+    response_ids, response_mask, has_stop = truncate_at_stop(tokens, stop_id, pad_id)
+    input_ids = torch.cat([query_ids, response_ids], dim=1)
+    attention_mask = torch.cat([query_mask, response_mask], dim=1).long()
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "scores", "entropy")}
+    for start in range(0, input_ids.shape[0], micro_batch_size):
+        sl = slice(start, start + micro_batch_size)
+        ids, mask, resp, rmask = input_ids[sl], attention_mask[sl], response_ids[sl], response_mask[sl]
+        logprobs, logits, values = response_logprobs(roles, ids, mask, resp, temperature, "policy",
+                                                     need_values=roles.value_on_policy)
+        ref_logprobs, _, _ = response_logprobs(roles, ids, mask, resp, temperature, None)
+        if values is None:
+            values = token_values(roles, ids, mask, response_length)
+        parts["logprobs"].append(logprobs.masked_fill(~rmask, 0.0))
+        parts["ref_logprobs"].append(ref_logprobs.masked_fill(~rmask, 0.0))
+        parts["values"].append(values.masked_fill(~rmask, 0.0))
+        parts["entropy"].append(entropy_from_logits(logits, temperature).masked_fill(~rmask, 0.0))
+        if reward_fn is None:
+            parts["scores"].append(sequence_scores(roles, ids, mask))
+    if reward_fn is not None:
+        parts["scores"].append(reward_fn(query_ids, response_ids, response_mask).float())
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return Rollout(query_ids=query_ids, query_mask=query_mask, response_ids=response_ids, response_mask=response_mask,
+                   has_stop=has_stop, **cat)

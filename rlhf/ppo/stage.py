@@ -1,0 +1,105 @@
+"""Stage 3: PPO against the reward model, on one shared LoRA base (PPO.md).
+
+Outputs under runs/<name>/ppo/: adapter/ (the policy LoRA), model/ (policy merged into the SFT
+model, a plain transformers folder), checkpoints/step-N/, metrics.jsonl, samples.jsonl,
+manifest.json. Rerunning resumes from the latest checkpoint of the same config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from rlhf.config import PipelineConfig, stage_hash
+from rlhf.errors import UserError
+
+log = logging.getLogger(__name__)
+STAGE = "ppo"
+
+
+def _save_policy_adapter(roles, out_dir: Path) -> Path:
+    """The policy adapter alone, in peft's layout (loadable with PeftModel.from_pretrained on sft/model)."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from rlhf.runs import save_atomically
+
+    def write(tmp: Path) -> None:
+        state = get_peft_model_state_dict(roles.model, adapter_name="policy")
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"))
+        roles.model.peft_config["policy"].save_pretrained(str(tmp))
+
+    return save_atomically(out_dir, write)
+
+
+def _rm_score_mean(cfg: PipelineConfig) -> tuple[float, float | None]:
+    from rlhf.runs import read_manifest
+
+    metrics = (read_manifest(cfg.stage_dir("rm")) or {}).get("metrics", {})
+    if "score_mean" not in metrics:
+        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has no score_mean; rerun the RM stage (rlhf rm --force)")
+    return float(metrics["score_mean"]), metrics.get("score_std")
+
+
+def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
+    """Train the policy adapter with PPO and export it; returns the merged model folder."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.data import needs_chat_template, ppo_data, render
+    from rlhf.hf_trainer import export_merged
+    from rlhf.models import load_tokenizer, lora_config, model_kwargs
+    from rlhf.ppo.roles import build_roles
+    from rlhf.ppo.trainer import checkpoint_dirs, run_loop, seed_everything
+    from rlhf.runs import begin_stage, fail_stage, finish_stage, require_upstream
+    from rlhf.tracking import MetricsWriter, Tracker
+
+    if cfg.ppo is None:
+        raise UserError(f"{cfg.source}: no 'ppo' section; add one to run the PPO stage")
+    require_upstream(cfg, STAGE)
+    stage_dir = cfg.stage_dir(STAGE)
+    sft_model = cfg.stage_dir("sft") / "model"
+    rm_adapter = cfg.stage_dir("rm") / "adapter"
+    rm_mean, rm_std = _rm_score_mean(cfg)
+    tokenizer = load_tokenizer(cfg.model, str(sft_model), need_chat_template=needs_chat_template(cfg.ppo.data, cfg.seed))
+    tokenizer.padding_side = "left"
+    data = ppo_data(cfg, tokenizer)
+    prompt_texts = [render(tokenizer, p) for p in data.train["prompt"]]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+
+    ckpt_root = stage_dir / "checkpoints"
+    config_hash = stage_hash(cfg, STAGE)
+    if fresh:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    for old in checkpoint_dirs(ckpt_root):  # checkpoints of another config would mislead resume and evaluation
+        if json.loads((old / "state.json").read_text()).get("config_hash") != config_hash:
+            shutil.rmtree(old)
+    if not checkpoint_dirs(ckpt_root):
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            (stage_dir / name).unlink(missing_ok=True)
+    manifest = begin_stage(cfg, STAGE)
+    tracker = None
+    try:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        base = AutoModelForCausalLM.from_pretrained(str(sft_model), **model_kwargs(cfg.model)).to(device)
+        seed_everything(cfg.seed)  # the policy LoRA's random init (lora_A) must not depend on earlier RNG use
+        roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy)
+        tracker = Tracker(cfg, STAGE)
+        metrics = run_loop(roles, tokenizer, prompts, prompt_texts, cfg.ppo, seed=cfg.seed, rm_mean=rm_mean, rm_std=rm_std,
+                           ckpt_root=ckpt_root, config_hash=config_hash,
+                           metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl"),
+                           samples_path=stage_dir / "samples.jsonl", tracker=tracker)
+        _save_policy_adapter(roles, stage_dir / "adapter")
+        del roles, base
+        export_merged(cfg, str(sft_model), stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)
+        finish_stage(cfg, STAGE, manifest, {**metrics, "data": data.report},
+                     {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
+    except BaseException as e:
+        fail_stage(cfg, STAGE, manifest, f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if tracker is not None:
+            tracker.finish()
+    return stage_dir / "model"

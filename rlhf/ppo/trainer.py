@@ -1,0 +1,403 @@
+"""The PPO loop: rollout → rewards and advantages → `ppo_epochs` × mini-batches × micro-batches.
+
+Checkpoints (every `save_every` steps, atomic) hold the policy and value adapters, the value
+head, the optimizer (two parameter groups: policy and value, each with its own learning rate)
+and scheduler, the KL controller, the step (which fixes the data position: the prompt order is a
+pure function of seed and step), and every RNG state. Resuming from step N and running to M
+gives the same weights as an unbroken 0 → M run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rlhf.config import PPOConfig
+from rlhf.errors import UserError
+from rlhf.ppo.advantages import (
+    gae,
+    kl_penalty,
+    make_kl_controller,
+    masked_mean,
+    normalize_scores,
+    per_token_rewards,
+    whiten_advantages,
+)
+from rlhf.ppo.losses import explained_variance, policy_loss, value_loss
+from rlhf.ppo.rollout import Rollout, collect_rollout, left_pad, response_logprobs, token_values
+from rlhf.ppo.roles import Roles
+from rlhf.runs import save_atomically, write_json_atomically
+
+log = logging.getLogger(__name__)
+
+RANK_SEED_STRIDE = 100003  # per-process seed = seed + rank * stride (PPO.md item 15)
+
+
+class TrainingDiverged(UserError):
+    """NaN or inf in the loss, KL or scores: the run stops, keeping the last good checkpoint."""
+
+    exit_code = 3
+
+
+# ---------------------------------------------------------------------------- rewards and advantages
+
+
+@dataclass
+class Advantages:
+    """Per-token training targets of a rollout, each (B, R) float32 (0 where masked)."""
+
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    rewards: torch.Tensor
+    kl: torch.Tensor
+    non_score_rewards: torch.Tensor
+    scores: torch.Tensor  # (B,) the scores used in the reward: centred, EOS-penalised, optionally whitened
+
+
+def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_mean: float, rm_std: float | None) -> torch.Tensor:
+    """(B,) scores entering the reward: RM score minus the RM's training mean (PPO.md item 9), then the
+    missing-stop-token rule (item 6), then optional batch whitening."""
+    scores = normalize_scores(raw, rm_mean)
+    if ppo.stop_token is not None:
+        if ppo.missing_eos_penalty is not None:
+            scores = torch.where(has_stop, scores, scores - ppo.missing_eos_penalty)
+        elif ppo.missing_eos_score is not None:
+            scores = torch.where(has_stop, scores, torch.full_like(scores, ppo.missing_eos_score))
+    if ppo.whiten_scores:
+        scores = normalize_scores(scores, 0.0, whiten=True)
+    return scores
+
+
+def compute_advantages(rollout: Rollout, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float) -> Advantages:
+    mask = rollout.response_mask
+    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator, mask=mask)
+    rewards, non_score = per_token_rewards(scores, kl, mask, kl_coef)
+    advantages, returns = gae(rewards, rollout.values, mask, gamma=ppo.gamma, lam=ppo.lam)
+    advantages = whiten_advantages(advantages, mask)
+    return Advantages(advantages, returns, rewards, kl, non_score, scores)
+
+
+# ---------------------------------------------------------------------------- update
+
+
+def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, scheduler, ppo: PPOConfig,
+               generator: torch.Generator) -> dict[str, float]:
+    """`ppo_epochs` passes over the rollout, reshuffled each epoch (PPO.md item 13); one optimizer
+    step per mini-batch, micro-batches accumulate gradients. Returns mean statistics."""
+    B = rollout.response_ids.shape[0]
+    mini = B // ppo.num_mini_batches
+    micro = min(ppo.micro_batch_size, mini)
+    n_micro = mini // micro
+    R = rollout.response_ids.shape[1]
+    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
+    policy_params, value_params = roles.policy_parameters(), roles.value_parameters()
+    for _epoch in range(ppo.ppo_epochs):
+        order = torch.randperm(B, generator=generator)
+        for m in range(ppo.num_mini_batches):
+            mini_idx = order[m * mini:(m + 1) * mini]
+            for k in range(n_micro):
+                idx = mini_idx[k * micro:(k + 1) * micro].to(rollout.response_ids.device)
+                mb = rollout.select(idx)
+                mask = mb.response_mask
+                new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
+                                                                ppo.temperature, "policy", need_values=roles.value_on_policy)
+                if new_values is None:
+                    new_values = token_values(roles, mb.input_ids, mb.attention_mask, R)
+                pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv.advantages[idx], mask, ppo.clip_eps)
+                vf, vf_stats = value_loss(new_values, mb.values, adv.returns[idx], mask, ppo.value_clip)
+                loss = (pg + ppo.vf_coef * vf) / n_micro
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(f"PPO loss is {loss.item()} (policy {pg.item()}, value {vf.item()})")
+                loss.backward()
+                stats["pg_loss"].append(pg.item())
+                stats["vf_loss"].append(vf.item())
+                stats["approxkl"].append(pg_stats["approxkl"].item())
+                stats["clipfrac"].append(pg_stats["clipfrac"].item())
+                stats["ratio"].append(pg_stats["ratio_mean"].item())
+                stats["vf_clipfrac"].append(vf_stats["clipfrac"].item())
+            torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(value_params, ppo.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def make_optimizer(roles: Roles, ppo: PPOConfig, total_updates: int):
+    """AdamW (eps 1e-5, PPO.md item 14) with a policy group and a value group; linear decay to 0."""
+    groups = [{"params": roles.policy_parameters(), "lr": ppo.learning_rate, "name": "policy"},
+              {"params": roles.value_parameters(), "lr": ppo.value_learning_rate or ppo.learning_rate, "name": "value"}]
+    optimizer = torch.optim.AdamW(groups, eps=ppo.adam_eps, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / max(1, total_updates)))
+    return optimizer, scheduler
+
+
+# ---------------------------------------------------------------------------- data order
+
+
+def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> list[int]:
+    """The prompts of step `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch).
+
+    A pure function of the step, so resuming needs no data-loader state."""
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_prompts)
+        order = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(seed * 1000003 + epoch)).tolist()
+        take = min(batch_size - len(out), n_prompts - offset)
+        out.extend(order[offset:offset + take])
+    return out
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def _rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generator": generator.get_state(),
+    }
+
+
+def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
+    random.setstate(tuple(x if not isinstance(x, list) else tuple(x) for x in state["python"]))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    generator.set_state(state["generator"])
+
+
+def trainable_state(roles: Roles) -> dict[str, torch.Tensor]:
+    """Every trained tensor: policy and value LoRA weights and the value head."""
+    state = {f"model.{n}": p.detach().cpu().contiguous() for n, p in roles.model.named_parameters() if p.requires_grad}
+    state.update({f"value_head.{n}": p.detach().cpu().contiguous() for n, p in roles.value_head.named_parameters()})
+    return state
+
+
+def load_trainable_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
+    params = dict(roles.model.named_parameters())
+    head = dict(roles.value_head.named_parameters())
+    with torch.no_grad():
+        for key, value in state.items():
+            kind, name = key.split(".", 1)
+            target = params[name] if kind == "model" else head[name]
+            target.copy_(value)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, roles: Roles, optimizer, scheduler, kl_ctl, generator, config_hash: str,
+                    metrics: dict[str, float]) -> Path:
+    """Write checkpoints/step-N atomically; older checkpoints keep their adapters (for evaluation
+    along the run) but drop their optimizer state."""
+    from safetensors.torch import save_file
+
+    def write(tmp: Path) -> None:
+        save_file(trainable_state(roles), str(tmp / "trainable.safetensors"))
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": _rng_state(generator)}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "kl_controller": kl_ctl.state_dict(),
+                                                    "config_hash": config_hash, "metrics": metrics}, indent=2))
+
+    out = save_atomically(ckpt_root / f"step-{step}", write)
+    for old in checkpoint_dirs(ckpt_root):
+        if old != out:
+            (old / "optimizer.pt").unlink(missing_ok=True)
+    return out
+
+
+def checkpoint_dirs(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints (all three files present), oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    found = []
+    for d in ckpt_root.glob("step-*"):
+        if d.name[5:].isdigit() and (d / "state.json").is_file() and (d / "trainable.safetensors").is_file():
+            found.append(d)
+    return sorted(found, key=lambda d: int(d.name[5:]))
+
+
+def load_checkpoint(ckpt: Path, roles: Roles, optimizer, scheduler, kl_ctl, generator) -> int:
+    """Restore a checkpoint written by save_checkpoint; returns the number of finished steps."""
+    from safetensors.torch import load_file
+
+    load_trainable_state(roles, load_file(str(ckpt / "trainable.safetensors")))
+    extra = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    optimizer.load_state_dict(extra["optimizer"])
+    scheduler.load_state_dict(extra["scheduler"])
+    _set_rng_state(extra["rng"], generator)
+    state = json.loads((ckpt / "state.json").read_text())
+    kl_ctl.load_state_dict(state["kl_controller"])
+    return int(state["step"])
+
+
+def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
+    """The newest checkpoint of this config that still has its optimizer state, or None."""
+    for d in reversed(checkpoint_dirs(ckpt_root)):
+        try:
+            state = json.loads((d / "state.json").read_text())
+        except (json.JSONDecodeError, OSError):
+            log.warning("skipping unreadable checkpoint %s", d)
+            continue
+        if state.get("config_hash") == config_hash and (d / "optimizer.pt").is_file():
+            return d
+    return None
+
+
+# ---------------------------------------------------------------------------- health
+
+
+def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig) -> list[str]:
+    """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately."""
+    warnings = []
+    if metrics["objective/kl"] < -0.1:
+        warnings.append(f"KL is negative ({metrics['objective/kl']:.3f}): the policy and reference log-probs disagree beyond noise")
+    if metrics["objective/kl"] > ppo.kl_warn_bound:
+        warnings.append(f"KL {metrics['objective/kl']:.2f} exceeds kl_warn_bound={ppo.kl_warn_bound}; consider a larger kl_coef")
+    if ppo.stop_token is not None and metrics["response/eos_fraction"] == 0.0:
+        warnings.append("no response ended with the stop token; raise response_length or check stop_token")
+    responses = {tuple(r[m].tolist()) for r, m in zip(rollout.response_ids, rollout.response_mask)}
+    if len(responses) == 1 and rollout.response_ids.shape[0] > 1:
+        warnings.append("every response in the batch is identical: the policy may have collapsed")
+    return warnings
+
+
+def check_finite(**values: torch.Tensor) -> None:
+    for name, value in values.items():
+        if not torch.isfinite(value).all():
+            raise TrainingDiverged(f"{name} contains NaN or inf")
+
+
+def step_metrics(rollout: Rollout, adv: Advantages, update: dict[str, float], kl_coef: float, lr: float, episode: int,
+                 rollout_s: float, update_s: float) -> dict[str, float]:
+    """The PPO.md metric set for one step (names stable for W&B)."""
+    mask = rollout.response_mask
+    lengths = mask.sum(1).float()
+    kl_per_response = (adv.kl * mask).sum(1)
+    non_score = adv.non_score_rewards.sum(1)
+    generated = float(lengths.sum())
+    return {
+        "objective/scores": rollout.scores.mean().item(),
+        "objective/scores_used": adv.scores.mean().item(),
+        "objective/kl": kl_per_response.mean().item(),
+        "objective/non_score_reward": non_score.mean().item(),
+        "objective/rlhf_reward": (adv.scores + non_score).mean().item(),
+        "objective/entropy": masked_mean(rollout.entropy, mask).item(),
+        "objective/kl_coef": kl_coef,
+        "policy/approxkl": update["approxkl"],
+        "policy/clipfrac": update["clipfrac"],
+        "policy/ratio_mean": update["ratio"],
+        "loss/policy": update["pg_loss"],
+        "loss/value": update["vf_loss"],
+        "value/clipfrac": update["vf_clipfrac"],
+        "value/explained_variance": float(explained_variance(rollout.values, adv.returns, mask)),
+        "response/length_mean": lengths.mean().item(),
+        "response/eos_fraction": rollout.has_stop.float().mean().item(),
+        "lr": lr,
+        "episode": episode,
+        "time/rollout_s": rollout_s,
+        "time/update_s": update_s,
+        "throughput/tokens_per_s": generated / max(rollout_s + update_s, 1e-9),
+    }
+
+
+def seed_everything(seed: int, rank: int = 0) -> int:
+    process_seed = seed + rank * RANK_SEED_STRIDE
+    random.seed(process_seed)
+    np.random.seed(process_seed % (2**32))
+    torch.manual_seed(process_seed)
+    return process_seed
+
+
+def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: list[str], ppo: PPOConfig, *, seed: int,
+             rm_mean: float, rm_std: float | None, ckpt_root: Path, config_hash: str, metrics_writer, samples_path: Path,
+             tracker=None, resume: bool = True, stop_after: int | None = None,
+             reward_fn=None) -> dict[str, float]:
+    """Run PPO steps from the latest checkpoint (or 0) to `ppo.steps` (or `stop_after`, for tests).
+
+    `reward_fn` replaces the reward model's score (see rollout.RewardFn). Returns the last step's metrics."""
+    from tqdm.auto import tqdm
+
+    process_seed = seed_everything(seed)
+    generator = torch.Generator().manual_seed(process_seed)
+    total_updates = ppo.steps * ppo.ppo_epochs * ppo.num_mini_batches
+    optimizer, scheduler = make_optimizer(roles, ppo, total_updates)
+    kl_ctl = make_kl_controller(ppo.kl_coef, ppo.target_kl if ppo.adaptive_kl else None, ppo.kl_horizon)
+    start = 0
+    ckpt = latest_resumable(ckpt_root, config_hash) if resume else None
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, roles, optimizer, scheduler, kl_ctl, generator)
+        log.info("resuming PPO from %s (step %d of %d)", ckpt, start, ppo.steps)
+    device = next(roles.model.parameters()).device
+    stop_id = None
+    if ppo.stop_token is not None:
+        stop_id = tokenizer.eos_token_id if ppo.stop_token == "eos" else tokenizer.convert_tokens_to_ids(ppo.stop_token)
+    pad_id = tokenizer.pad_token_id
+    end = ppo.steps if stop_after is None else min(ppo.steps, stop_after)
+    metrics: dict[str, float] = {}
+    bar = tqdm(range(start, end), initial=start, total=ppo.steps, desc="PPO", unit="step", dynamic_ncols=True)
+    for step in bar:
+        t0 = time.perf_counter()
+        idx = prompt_indices(len(prompts), ppo.rollout_batch_size, step, seed)
+        query_ids, query_mask = left_pad([prompts[i] for i in idx], pad_id, device)
+        rollout = collect_rollout(roles, query_ids, query_mask, response_length=ppo.response_length,
+                                  temperature=ppo.temperature, stop_id=stop_id, pad_id=pad_id,
+                                  micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn)
+        check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
+        scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, rm_std)
+        adv = compute_advantages(rollout, scores, ppo, kl_ctl.value)
+        check_finite(kl=adv.kl, advantages=adv.advantages)
+        t1 = time.perf_counter()
+        update = ppo_update(roles, rollout, adv, optimizer, scheduler, ppo, generator)
+        t2 = time.perf_counter()
+        episode = (step + 1) * ppo.rollout_batch_size
+        kl_coef_used = kl_ctl.value
+        metrics = step_metrics(rollout, adv, update, kl_coef_used, scheduler.get_last_lr()[0], episode, t1 - t0, t2 - t1)
+        kl_ctl.update(metrics["objective/kl"], ppo.rollout_batch_size)
+        for name, value in metrics.items():
+            if not math.isfinite(value) and name != "value/explained_variance":
+                raise TrainingDiverged(f"{name} is {value} at step {step + 1}")
+        for warning in health_warnings(metrics, rollout, ppo):
+            log.warning("step %d: %s", step + 1, warning)
+        metrics_writer.write(step + 1, metrics)
+        if tracker is not None:
+            tracker.log(metrics, step=step + 1)
+        if (step + 1) % ppo.sample_every == 0 or step + 1 == end:
+            write_samples(samples_path, step + 1, idx, prompt_texts, rollout, tokenizer, tracker)
+        if (step + 1) % ppo.save_every == 0 or step + 1 == end:
+            save_checkpoint(ckpt_root, step + 1, roles, optimizer, scheduler, kl_ctl, generator, config_hash, metrics)
+        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                        len=f"{metrics['response/length_mean']:.0f}")
+    return metrics
+
+
+def write_samples(path: Path, step: int, idx: list[int], prompt_texts: list[str], rollout: Rollout, tokenizer, tracker) -> None:
+    rows = []
+    for row, i in enumerate(idx):
+        ids = rollout.response_ids[row][rollout.response_mask[row]]
+        rows.append({"step": step, "prompt": prompt_texts[i], "response": tokenizer.decode(ids, skip_special_tokens=True),
+                     "score": round(rollout.scores[row].item(), 4), "has_stop": bool(rollout.has_stop[row])})
+    with open(path, "a", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if tracker is not None:
+        tracker.log_samples(rows, step)
+
+
+def clear_checkpoints(ckpt_root: Path) -> None:
+    shutil.rmtree(ckpt_root, ignore_errors=True)
+
