@@ -109,9 +109,18 @@ def _convert_smollm2(out: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise UserError("converting the embedded SmolLM2 needs the gguf package; run: pip install gguf")
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The weights are dequantised to float32 on load; the GGUF quantisation entry would make
-    # transformers look for the GGUF file again when loading the safetensors folder.
+    kwargs = {}
+    try:
+        from transformers.utils.quantization_config import GgufConfig
+    except ImportError:  # older transformers always dequantised GGUF weights on load
+        GgufConfig = None
+    if GgufConfig is not None:
+        # Unpacked to dense float32 weights: otherwise transformers keeps a GGUF quantizer attached
+        # (even when it dequantises) and refuses to save_pretrained the model.
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32", **kwargs)
+    # The GGUF quantisation entry would make transformers look for the GGUF file again when
+    # loading the safetensors folder.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = f"{EMBEDDED_PREFIX}{SMOLLM2}"
@@ -141,7 +150,7 @@ def _build_tiny(out: Path) -> None:
     tok.chat_template = CHATML_TEMPLATE
     config = LlamaConfig(
         vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True, initializer_range=0.1,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     with torch.random.fork_rng():
@@ -165,7 +174,7 @@ def resolve_model(model_cfg: ModelConfig) -> str:
             version = importlib.metadata.version(SMOLLM2_PACKAGE)
             return str(_build_atomically(cache_dir() / f"{SMOLLM2}-{version}", _convert_smollm2))
         if name == TINY:
-            return str(_build_atomically(cache_dir() / f"{TINY}-v1", _build_tiny))
+            return str(_build_atomically(cache_dir() / f"{TINY}-v2", _build_tiny))
         raise UserError(f"model.name_or_path: unknown embedded model '{name}'; choose one of: {', '.join(EMBEDDED_NAMES)}")
     path = Path(ref).expanduser()
     if path.is_dir():
@@ -251,7 +260,9 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None, *, need_chat
 
     tok = AutoTokenizer.from_pretrained(
         path or resolve_model(model_cfg),
-        revision=model_cfg.revision if path is None else None,
+        # the pinned revision applies to the base model wherever it is loaded from the hub (sft passes
+        # the resolved hub id as `path`); a local folder (e.g. runs/<name>/sft/model) has no revisions
+        revision=None if path is not None and Path(path).is_dir() else model_cfg.revision,
         trust_remote_code=model_cfg.trust_remote_code,
     )
     if tok.eos_token is None:

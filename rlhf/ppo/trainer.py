@@ -185,8 +185,8 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
 
 def trainable_state(roles: Roles) -> dict[str, torch.Tensor]:
     """Every trained tensor: policy and value LoRA weights and the value head."""
-    state = {f"model.{n}": p.detach().cpu().contiguous() for n, p in roles.model.named_parameters() if p.requires_grad}
-    state.update({f"value_head.{n}": p.detach().cpu().contiguous() for n, p in roles.value_head.named_parameters()})
+    state = {f"model.{n}": p.detach().cpu().clone() for n, p in roles.model.named_parameters() if p.requires_grad}
+    state.update({f"value_head.{n}": p.detach().cpu().clone() for n, p in roles.value_head.named_parameters()})
     return state
 
 
@@ -261,10 +261,16 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
 # ---------------------------------------------------------------------------- health
 
 
-def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig) -> list[str]:
-    """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately."""
+def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig, kl_per_response: torch.Tensor) -> list[str]:
+    """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately.
+
+    kl_per_response: (B,) summed KL of each response. "Negative beyond noise" means the batch mean
+    is below -3 standard errors (k1 is unbiased but noisy per sample; a clearly negative mean
+    points at mismatched log-probs, e.g. dropout or different temperatures)."""
     warnings = []
-    if metrics["objective/kl"] < -0.1:
+    B = kl_per_response.numel()
+    noise = 3 * kl_per_response.std().item() / B**0.5 if B > 1 else 0.0
+    if metrics["objective/kl"] < -max(noise, 1e-3):
         warnings.append(f"KL is negative ({metrics['objective/kl']:.3f}): the policy and reference log-probs disagree beyond noise")
     if metrics["objective/kl"] > ppo.kl_warn_bound:
         warnings.append(f"KL {metrics['objective/kl']:.2f} exceeds kl_warn_bound={ppo.kl_warn_bound}; consider a larger kl_coef")
@@ -371,7 +377,7 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
         for name, value in metrics.items():
             if not math.isfinite(value) and name != "value/explained_variance":
                 raise TrainingDiverged(f"{name} is {value} at step {step + 1}")
-        for warning in health_warnings(metrics, rollout, ppo):
+        for warning in health_warnings(metrics, rollout, ppo, (adv.kl * rollout.response_mask).sum(1)):
             log.warning("step %d: %s", step + 1, warning)
         metrics_writer.write(step + 1, metrics)
         if tracker is not None:
