@@ -309,3 +309,22 @@ def merge_and_save(peft_model, tokenizer: PreTrainedTokenizerBase, out_dir: Path
         tokenizer.save_pretrained(tmp)
 
     return save_atomically(out_dir, write)
+
+
+def turn_end_suffix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids the chat template writes after an assistant turn's EOS (ChatML: a newline).
+
+    Generation stops at EOS, but a reward model trained on chat-template renderings saw every
+    response followed by this suffix; PPO appends it before scoring. Empty when the template
+    puts nothing after EOS or has no EOS at the end of a turn."""
+    if not tokenizer.chat_template:
+        return []
+    marker = "ZqXj"  # an improbable reply, to find the end of the assistant turn in the rendering
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False)
+    end = marker + tokenizer.eos_token
+    if end not in text:
+        return []
+    suffix = text[text.rindex(end) + len(end):]
+    return tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
+

@@ -405,3 +405,39 @@ def test_toy_reward_rises_with_bounded_kl(tiny_rm_run, tmp_path):
     last = sum(r["objective/scores"] for r in rows[-5:]) / 5
     assert last > first + 1.5, (first, last)
     assert max(r["objective/kl"] for r in rows) < 30.0
+
+
+def test_append_after_stop_places_suffix_after_last_real_token():
+    from rlhf.ppo.rollout import append_after_stop
+
+    ids = torch.tensor([[0, 5, 6, 2, 0], [7, 8, 9, 9, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    out, m = append_after_stop(ids, mask, torch.tensor([True, False]), [42], pad_id=0)
+    assert out.tolist() == [[0, 5, 6, 2, 42, 0], [7, 8, 9, 9, 9, 0]]
+    assert m.tolist() == [[0, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]]
+
+
+def test_policy_response_scored_as_the_rm_stage_scores_it(roles_env):
+    """A stopped response scored inside PPO (query + response + template suffix) gets the score the
+    RM stage's merged model gives the same conversation rendered by the chat template."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models import turn_end_suffix
+    from rlhf.ppo.rollout import append_after_stop
+    from rlhf.rm import encode
+
+    cfg, tok, roles = roles_env
+    prompt = [{"role": "user", "content": "How are you?"}]
+    reply = "I am fine, thanks."
+    query = tok(render(tok, prompt), add_special_tokens=False)["input_ids"]
+    response = tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    ids = torch.tensor([query + response])
+    mask = torch.ones_like(ids)
+    ids, mask = append_after_stop(ids, mask, torch.tensor([True]), turn_end_suffix(tok), tok.pad_token_id)
+    expected_ids = encode(tok, prompt, [{"role": "assistant", "content": reply}])
+    assert ids[0].tolist() == expected_ids
+    rm = AutoModelForSequenceClassification.from_pretrained(cfg.stage_dir("rm") / "model").eval()
+    with torch.no_grad():
+        ours = sequence_scores(roles, ids, mask)
+        theirs = rm(input_ids=torch.tensor([expected_ids])).logits.squeeze(-1)
+    assert torch.allclose(ours, theirs, atol=1e-4)

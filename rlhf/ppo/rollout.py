@@ -137,14 +137,39 @@ def sequence_scores(roles: Roles, input_ids: torch.Tensor, attention_mask: torch
     return per_token.gather(1, last.unsqueeze(1)).squeeze(1)
 
 
+def append_after_stop(input_ids: torch.Tensor, attention_mask: torch.Tensor, has_stop: torch.Tensor, suffix: list[int],
+                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append `suffix` (S tokens) right after the last real token of each row that stopped.
+
+    input_ids, attention_mask: (B, W); has_stop: (B,). Returns (B, W + S) tensors. The reward
+    model was trained on chat-template renderings, where the end-of-turn token is followed by
+    the template's own suffix (e.g. a newline in ChatML); scoring the policy's responses the same
+    way reads the score where the RM learned to put it (PPO.md item 7)."""
+    if not suffix:
+        return input_ids, attention_mask
+    B, W = input_ids.shape
+    S = len(suffix)
+    ids = torch.cat([input_ids, input_ids.new_full((B, S), pad_id)], dim=1)
+    mask = torch.cat([attention_mask, attention_mask.new_zeros((B, S))], dim=1)
+    last = last_valid_index(attention_mask.bool())
+    tail = torch.tensor(suffix, dtype=ids.dtype, device=ids.device)
+    for row in has_stop.nonzero().flatten().tolist():
+        start = int(last[row]) + 1
+        ids[row, start:start + S] = tail
+        mask[row, start:start + S] = 1
+    return ids, mask
+
+
 @torch.no_grad()
 def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, *, response_length: int,
                     temperature: float, stop_id: int | None, pad_id: int, micro_batch_size: int,
-                    reward_fn: RewardFn | None = None) -> Rollout:
+                    reward_fn: RewardFn | None = None, score_suffix: list[int] | None = None) -> Rollout:
     """Generate responses for a batch of left-padded prompts and evaluate them with every role.
 
     The forward passes run in micro-batches of `micro_batch_size`, the size the update uses.
-    `reward_fn`, if given, replaces the reward model: a rule-based or external scorer."""
+    `reward_fn`, if given, replaces the reward model: a rule-based or external scorer.
+    `score_suffix`: tokens the chat template puts after the end-of-turn token; the reward model
+    reads responses that stopped with this suffix appended, as it saw them in training."""
     tokens = generate(roles, query_ids, query_mask, response_length, temperature, stop_id, pad_id)
     response_ids, response_mask, has_stop = truncate_at_stop(tokens, stop_id, pad_id)
     input_ids = torch.cat([query_ids, response_ids], dim=1)
@@ -163,7 +188,8 @@ def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Ten
         parts["values"].append(values.masked_fill(~rmask, 0.0))
         parts["entropy"].append(entropy_from_logits(logits, temperature).masked_fill(~rmask, 0.0))
         if reward_fn is None:
-            parts["scores"].append(sequence_scores(roles, ids, mask))
+            scored_ids, scored_mask = append_after_stop(ids, mask, has_stop[sl], score_suffix or [], pad_id)
+            parts["scores"].append(sequence_scores(roles, scored_ids, scored_mask))
     if reward_fn is not None:
         parts["scores"].append(reward_fn(query_ids, response_ids, response_mask).float())
     cat = {k: torch.cat(v) for k, v in parts.items()}

@@ -50,7 +50,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
 
     from rlhf.data import needs_chat_template, ppo_data, render
     from rlhf.hf_trainer import export_merged
-    from rlhf.models import load_tokenizer, lora_config, model_kwargs
+    from rlhf.models import load_tokenizer, lora_config, model_kwargs, turn_end_suffix
     from rlhf.ppo.roles import build_roles
     from rlhf.ppo.trainer import checkpoint_dirs, run_loop, seed_everything
     from rlhf.runs import begin_stage, fail_stage, finish_stage, require_upstream
@@ -90,7 +90,8 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
         metrics = run_loop(roles, tokenizer, prompts, prompt_texts, cfg.ppo, seed=cfg.seed, rm_mean=rm_mean, rm_std=rm_std,
                            ckpt_root=ckpt_root, config_hash=config_hash,
                            metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl"),
-                           samples_path=stage_dir / "samples.jsonl", tracker=tracker)
+                           samples_path=stage_dir / "samples.jsonl", tracker=tracker,
+                           score_suffix=turn_end_suffix(tokenizer) if data.conversational else [])
         _save_policy_adapter(roles, stage_dir / "adapter")
         del roles, base
         export_merged(cfg, str(sft_model), stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)

@@ -109,16 +109,24 @@ def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, sched
                 idx = mini_idx[k * micro:(k + 1) * micro].to(rollout.response_ids.device)
                 mb = rollout.select(idx)
                 mask = mb.response_mask
-                new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
-                                                                ppo.temperature, "policy", need_values=roles.value_on_policy)
-                if new_values is None:
+                adv_mb, ret_mb = adv.advantages[idx], adv.returns[idx]
+                if roles.value_on_policy:  # one forward gives logits and values: one joint backward
+                    new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask,
+                                                                    mb.response_ids, ppo.temperature, "policy", True)
+                    pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
+                    vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
+                    _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf)
+                else:
+                    # Separate adapters, separate graphs: backward each before building the next, so
+                    # only one model's activations are alive at a time (the gradients are the same).
+                    new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
+                                                           ppo.temperature, "policy")
+                    pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
+                    _backward(pg / n_micro, pg, None)
+                    del new_logprobs
                     new_values = token_values(roles, mb.input_ids, mb.attention_mask, R)
-                pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv.advantages[idx], mask, ppo.clip_eps)
-                vf, vf_stats = value_loss(new_values, mb.values, adv.returns[idx], mask, ppo.value_clip)
-                loss = (pg + ppo.vf_coef * vf) / n_micro
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(f"PPO loss is {loss.item()} (policy {pg.item()}, value {vf.item()})")
-                loss.backward()
+                    vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
+                    _backward(ppo.vf_coef * vf / n_micro, pg, vf)
                 stats["pg_loss"].append(pg.item())
                 stats["vf_loss"].append(vf.item())
                 stats["approxkl"].append(pg_stats["approxkl"].item())
@@ -131,6 +139,13 @@ def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, sched
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
     return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None) -> None:
+    if not torch.isfinite(loss):
+        vf_text = "" if vf is None else f", value {vf.item()}"
+        raise TrainingDiverged(f"PPO loss is {loss.item()} (policy {pg.item()}{vf_text})")
+    loss.backward()
 
 
 def make_optimizer(roles: Roles, ppo: PPOConfig, total_updates: int):
@@ -332,7 +347,7 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: list[str], ppo: PPOConfig, *, seed: int,
              rm_mean: float, rm_std: float | None, ckpt_root: Path, config_hash: str, metrics_writer, samples_path: Path,
              tracker=None, resume: bool = True, stop_after: int | None = None,
-             reward_fn=None) -> dict[str, float]:
+             reward_fn=None, score_suffix: list[int] | None = None) -> dict[str, float]:
     """Run PPO steps from the latest checkpoint (or 0) to `ppo.steps` (or `stop_after`, for tests).
 
     `reward_fn` replaces the reward model's score (see rollout.RewardFn). Returns the last step's metrics."""
@@ -362,7 +377,8 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
         query_ids, query_mask = left_pad([prompts[i] for i in idx], pad_id, device)
         rollout = collect_rollout(roles, query_ids, query_mask, response_length=ppo.response_length,
                                   temperature=ppo.temperature, stop_id=stop_id, pad_id=pad_id,
-                                  micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn)
+                                  micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn,
+                                  score_suffix=score_suffix)
         check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
         scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, rm_std)
         adv = compute_advantages(rollout, scores, ppo, kl_ctl.value)

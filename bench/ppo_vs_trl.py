@@ -1,0 +1,141 @@
+"""Our PPO against TRL 1.12's PPOTrainer (the last TRL with PPO), same model, prompts and settings.
+
+    .venv/bin/python bench/ppo_vs_trl.py [--model-dir DIR] [--steps 3] [--ppo-epochs 4]
+
+Both sides run in their own fresh process (so each peak resident memory is its own): the
+baseline is ../shared/bench/trl112_ppo_baseline.py in the venv that ../shared/bench/baseline_env.sh
+makes; ours is this file with --ours. Same local model folder (default: the converted embedded
+SmolLM2), batch 8, response length 48, PPO epochs 4, LoRA r=16 alpha=32 all-linear, lr 1e-5,
+temperature 0.7, the same short chat prompts, and an untrained reward head on the same base on
+both sides (the baseline's recipe). Timed: the training loop only (the baseline times
+`trainer.train()`; ours times `run_loop`), so model loading is outside both. Prints both JSON
+lines and ends with one line of ratios, ours divided by the baseline's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared" / "bench"
+
+
+def prompts(tok, n: int) -> list[list[int]]:
+    """The baseline script's prompts, token for token."""
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"Write one sentence about topic number {i}."}],
+                                     add_generation_prompt=True, tokenize=False) for i in range(n)]
+    return texts, [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def untrained_reward_adapter(model_dir: str, out: Path, r: int, alpha: int) -> Path:
+    """A reward adapter equivalent to the baseline's untrained reward model: LoRA with B = 0 (so the
+    body is the base) and a freshly initialised score head, in the RM stage's layout."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(0)
+    seq = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    peft_model = get_peft_model(seq, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="SEQ_CLS"))
+    peft_model.save_pretrained(out)
+    save_file({"weight": seq.score.weight.detach().clone().contiguous()}, str(out / "score_head.safetensors"))
+    return out
+
+
+def run_ours(a) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf.config import LoraSection, PPOConfig
+    from rlhf.models import lora_config
+    from rlhf.ppo.roles import build_roles
+    from rlhf.ppo.trainer import run_loop, seed_everything
+    from rlhf.tracking import MetricsWriter
+
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    texts, ids = prompts(tok, a.batch * (a.steps + 1))
+    tmp = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
+    adapter = Path(a.adapter)
+    seed_everything(0)
+    base = AutoModelForCausalLM.from_pretrained(a.model_dir)
+    roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter,
+                        value_on_policy=a.value_on_policy)
+    ppo = PPOConfig(data={"path": "unused.jsonl"}, steps=a.steps, rollout_batch_size=a.batch, micro_batch_size=a.batch,
+                    num_mini_batches=1, ppo_epochs=a.ppo_epochs, response_length=a.response_length, learning_rate=1e-5,
+                    temperature=0.7, missing_eos_score=None, missing_eos_penalty=1.0, save_every=10**6,
+                    sample_every=10**6, value_head_on_policy=a.value_on_policy)
+    t = time.perf_counter()
+    run_loop(roles, tok, ids, texts, ppo, seed=0, rm_mean=0.0, rm_std=None, ckpt_root=tmp / "ckpt", config_hash="bench",
+             metrics_writer=MetricsWriter(tmp / "metrics.jsonl", enabled=False), samples_path=tmp / "samples.jsonl",
+             resume=False)
+    dt = time.perf_counter() - t
+    del torch
+    return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""), "batch": a.batch,
+            "response_length": a.response_length, "ppo_epochs": a.ppo_epochs, "steps": a.steps,
+            "s_per_step": round(dt / a.steps, 3), "episodes_per_s": round(a.batch * a.steps / dt, 4),
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
+
+
+def last_json(output: str) -> dict:
+    for line in reversed(output.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise RuntimeError(f"no JSON result in:\n{output[-2000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model-dir", default=None, help="local model folder (default: the converted embedded SmolLM2)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--response-length", type=int, default=48)
+    ap.add_argument("--ppo-epochs", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--value-on-policy", action="store_true", help="also allowed: our cheaper opt-in variant")
+    ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--adapter", help=argparse.SUPPRESS)
+    ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")
+    a = ap.parse_args()
+    if a.model_dir is None:
+        from rlhf.config import ModelConfig
+        from rlhf.models import resolve_model
+
+        a.model_dir = resolve_model(ModelConfig(name_or_path="embedded:smollm2-135m-instruct"))
+    if a.ours:
+        print(json.dumps(run_ours(a)))
+        return
+    common = ["--batch", str(a.batch), "--response-length", str(a.response_length), "--ppo-epochs", str(a.ppo_epochs),
+              "--steps", str(a.steps)]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
+    # The reward adapter is made here, so the SeqCls model it needs never counts in our peak memory.
+    adapter = untrained_reward_adapter(a.model_dir, Path(tempfile.mkdtemp(prefix="ppo-bench-rm-")), 16, 32)
+    ours_cmd = [sys.executable, __file__, "--ours", "--model-dir", a.model_dir, "--adapter", str(adapter), *common]
+    if a.value_on_policy:
+        ours_cmd.append("--value-on-policy")
+    ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    print(json.dumps(ours))
+    if a.skip_baseline:
+        return
+    py = subprocess.run(["bash", str(SHARED / "baseline_env.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    base_cmd = [py, str(SHARED / "trl112_ppo_baseline.py"), a.model_dir, *common]
+    base = last_json(subprocess.run(base_cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    print(json.dumps(base))
+    print(json.dumps({"throughput_ratio": round(ours["episodes_per_s"] / base["episodes_per_s"], 3),
+                      "peak_memory_ratio": round(ours["peak_rss_gb"] / base["peak_rss_gb"], 3),
+                      "ours_s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
+                      "ours_peak_rss_gb": ours["peak_rss_gb"], "baseline_peak_rss_gb": base["peak_rss_gb"]}))
+
+
+if __name__ == "__main__":
+    main()
