@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/rlhf sft --config $(CONFIG)
+	$(BIN)/rlhf run-all --config $(CONFIG)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

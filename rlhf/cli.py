@@ -93,11 +93,67 @@ def _stage_command(stage: str) -> Callable:
 
     command.__doc__ = {
         "sft": "Stage 1: supervised fine-tuning (LoRA), resuming from its last checkpoint if interrupted.",
+        "rm": "Stage 2: the reward model (LoRA + score head, Bradley-Terry loss) on the merged SFT model.",
     }[stage]
     return command
 
 
 app.command("sft")(_stage_command("sft"))
+app.command("rm")(_stage_command("rm"))
+
+
+@app.command()
+@friendly_errors
+def ppo(config: ConfigOpt, set_: SetOpt = None,
+        fresh: Annotated[bool, typer.Option("--fresh", help="Discard PPO checkpoints and start from step 0.")] = False) -> None:
+    """Stage 3: PPO against the reward model, resuming from its latest checkpoint unless --fresh."""
+    import shutil
+
+    from rlhf.launch import run_stage
+
+    cfg = _load(config, set_)
+    if fresh:
+        shutil.rmtree(cfg.stage_dir("ppo") / "checkpoints", ignore_errors=True)
+    run_stage("ppo", cfg, config, set_ or [])
+
+
+@app.command("run-all")
+@friendly_errors
+def run_all(
+    config: ConfigOpt,
+    set_: SetOpt = None,
+    from_: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on (sft, rm, ppo).")] = None,
+    only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rerun every stage, ignoring manifests.")] = False,
+) -> None:
+    """Run sft -> rm -> ppo, each in a fresh process, skipping stages that are up to date."""
+    from rlhf.pipeline import run_all as run_pipeline
+
+    cfg = _load(config, set_)
+    run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force, echo=typer.echo)
+
+
+@app.command()
+@friendly_errors
+def score(
+    config: ConfigOpt,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user turn for conversational RMs).")],
+    response: Annotated[list[str], typer.Option("--response", "-r", help="A response to score (repeatable).")],
+    set_: SetOpt = None,
+) -> None:
+    """Print the reward model's score (rm/model) for each response to a prompt."""
+    from rlhf.rm import score_lines
+
+    for line in score_lines(_load(config, set_), prompt, response):
+        typer.echo(line)
+
+
+@app.command("config-reference")
+def config_reference() -> None:
+    """Print the config reference (every key, default and meaning) as a markdown table."""
+    from rlhf.config import config_reference as table
+
+    typer.echo(table())
 
 
 def main() -> None:

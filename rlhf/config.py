@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -113,7 +114,7 @@ class TrainSection(Section):
     max_steps: int = _field(-1, description="Stop after this many optimizer steps (-1: run all epochs).", ge=-1)
     batch_size: int = _field(8, description="Examples per device per micro-batch.", ge=1)
     grad_accum: int = _field(1, description="Micro-batches per optimizer step.", ge=1)
-    warmup_ratio: float = _field(0.03, description="Fraction of steps spent warming the learning rate up.", ge=0, le=1)
+    warmup_ratio: float = _field(0.03, description="Fraction of steps spent warming the learning rate up.", ge=0, lt=1)
     weight_decay: float = _field(0.0, description="AdamW weight decay.", ge=0)
     max_length: int = _field(512, description="Longest tokenized example; longer ones are dropped (count reported).", ge=8)
     logging_steps: int = _field(5, description="Log metrics every N optimizer steps.", ge=1, affects_output=False)
@@ -188,6 +189,19 @@ class PPOConfig(Section):
     save_every: int = _field(10, description="Checkpoint every N steps.", ge=1, affects_output=False)
     sample_every: int = _field(5, description="Write a samples table every N steps.", ge=1, affects_output=False)
 
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PPOConfig:
+        if self.rollout_batch_size % self.num_mini_batches:
+            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of num_mini_batches "
+                             f"({self.num_mini_batches})")
+        mini = self.rollout_batch_size // self.num_mini_batches
+        if mini % min(self.micro_batch_size, mini):
+            raise ValueError(f"a mini-batch ({mini} = rollout_batch_size / num_mini_batches) must be a multiple of "
+                             f"micro_batch_size ({self.micro_batch_size})")
+        if self.missing_eos_penalty is not None and self.missing_eos_score is not None and "missing_eos_score" in self.model_fields_set:
+            raise ValueError("set missing_eos_score or missing_eos_penalty, not both")
+        return self
+
 
 class PipelineConfig(Section):
     run_name: str = _field("demo", description="Name of the run; outputs go to output_dir/run_name.", pattern=r"^[A-Za-z0-9._-]+$")
@@ -219,6 +233,22 @@ class PipelineConfig(Section):
 
 
 # ---------------------------------------------------------------------------- loading
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that also reads YAML 1.2 floats such as `1e-3` as numbers. PyYAML (YAML 1.1)
+    reads them as strings, which a `float | str` field (eval_split) would take as a split name."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _line_index(text: str) -> dict[tuple[str, ...], int]:
@@ -257,12 +287,27 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def describe_errors(err: ValidationError, source: str, text: str | None) -> str:
-    """One line per problem: 'FILE:LINE: key.path: message'."""
+def _clean_loc(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An error location without pydantic's union-branch tags ('float', 'str', 'list[str]', ...):
+    only field names, list indices, and (last) an unknown key are real keys of the file."""
+    out: list[Any] = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            out.append(part)
+            continue
+        owner = _section_model(tuple(out))
+        if owner is not None and (part in owner.model_fields or i == len(loc) - 1):
+            out.append(part)
+    return tuple(out)
+
+
+def describe_errors(err: ValidationError, source: str, text: str | None, override_keys: list[str] | None = None) -> str:
+    """One line per problem: 'FILE:LINE: key.path: message' ('--set KEY: ...' for a command-line override)."""
     lines = _line_index(text) if text else {}
-    out = []
+    out: list[str] = []
+    seen: dict[str, int] = {}  # dotted key -> index in `out`, to merge the branches of a union into one line
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and "[" in p))  # drop union branch tags
+        loc = _clean_loc(tuple(e["loc"]))
         dotted = ".".join(str(p) for p in loc) or "(top level)"
         line = None
         for n in range(len(loc), 0, -1):
@@ -270,6 +315,12 @@ def describe_errors(err: ValidationError, source: str, text: str | None) -> str:
             if line:
                 break
         where = f"{source}:{line}" if line else source
+        if any(loc and (dotted == key or dotted.startswith(key + ".")) for key in override_keys or []):
+            where = "--set"  # the value came from the command line, not from the file
+        if e["type"] not in ("extra_forbidden", "missing") and dotted in seen:
+            msg = e["msg"].removeprefix("Value error, ")
+            out[seen[dotted]] += f"; or: {msg}"
+            continue
         if e["type"] == "extra_forbidden":
             owner = _section_model(loc[:-1])
             valid = list(owner.model_fields) if owner else []
@@ -283,6 +334,7 @@ def describe_errors(err: ValidationError, source: str, text: str | None) -> str:
             msg = e["msg"].removeprefix("Value error, ")
             value = e.get("input")
             shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+            seen[dotted] = len(out)
             out.append(f"{where}: {dotted}: {msg}{shown}")
     return "\n".join(out)
 
@@ -300,7 +352,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 node[part] = {}
             node = node[part]
         try:
-            node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            node[parts[-1]] = _safe_load(value) if value != "" else ""
         except yaml.YAMLError:
             node[parts[-1]] = value
     return raw
@@ -317,7 +369,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -328,14 +380,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not isinstance(raw, dict):
         raise UserError(f"{path}: the top level must be a mapping of keys (run_name, model, sft, ...)")
     raw = apply_overrides(raw, list(overrides or []))
-    return validate_config(raw, str(path), text)
+    return validate_config(raw, str(path), text, [o.partition("=")[0].strip() for o in overrides or []])
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>", text: str | None = None) -> PipelineConfig:
+def validate_config(
+    raw: dict[str, Any], source: str = "<config>", text: str | None = None, override_keys: list[str] | None = None
+) -> PipelineConfig:
     try:
         cfg = PipelineConfig.model_validate(raw)
     except ValidationError as e:
-        raise UserError(describe_errors(e, source, text)) from None
+        raise UserError(describe_errors(e, source, text, override_keys)) from None
     cfg.source = source
     return cfg
 
@@ -360,13 +414,26 @@ def _output_relevant(section: BaseModel) -> dict[str, Any]:
 
 
 def file_fingerprint(path: str | None) -> str | None:
-    """sha256 of a local data file (so editing the data makes a stage stale); None for hub ids."""
-    if not path or not Path(path).is_file():
+    """sha256 of a local data file, or of the data files in a local folder (their names and
+    contents), so editing the data makes a stage stale; None for hub ids."""
+    from rlhf.data import LOCAL_SUFFIXES
+
+    if not path:
+        return None
+    p = Path(path).expanduser()
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in LOCAL_SUFFIXES)
+    elif p.is_file():
+        files = [p]
+    else:
         return None
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for file in files:
+        if p.is_dir():
+            h.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 
@@ -398,3 +465,24 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b:
             keys.append(f"{prefix}{k}")
     return keys
+
+
+def config_reference() -> str:
+    """The README's config reference: a markdown table of every field, its default and description."""
+
+    def rows(model: type[BaseModel], prefix: str = "") -> list[str]:
+        out = []
+        for name, field in model.model_fields.items():
+            if field.exclude:
+                continue
+            nested = [c for c in getattr(field.annotation, "__args__", (field.annotation,))
+                      if isinstance(c, type) and issubclass(c, BaseModel)]
+            if nested:
+                out += rows(nested[0], f"{prefix}{name}.")
+                continue
+            default = "required" if field.is_required() else repr(field.default)
+            out.append(f"| `{prefix}{name}` | `{default}` | {field.description} |")
+        return out
+
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows(PipelineConfig)])
+

@@ -16,7 +16,7 @@ from typing import Any
 from rlhf.config import PipelineConfig, TrainSection, stage_hash
 from rlhf.models import model_kwargs, torch_dtype
 from rlhf.runs import replace_dir, save_atomically
-from rlhf.tracking import metrics_callback, report_to
+from rlhf.tracking import METRICS_FILE, metrics_callback, read_metrics, report_to
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +62,43 @@ def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_e
 def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:
     """The last checkpoint of an interrupted run of the same config, or None.
 
-    Checkpoints written under a different stage hash are removed: resuming them would mix configs."""
+    Checkpoints written under a different stage hash are removed: resuming them would mix configs.
+    metrics.jsonl is cut back to match: rows logged after the checkpoint (or every row, when
+    starting afresh) would otherwise appear twice, or mix two configs' curves. Only the main
+    process touches the files; every process returns the same checkpoint."""
+    from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
 
+    state = PartialState()
     ckpt_dir = cfg.stage_dir(stage) / "checkpoints"
     want = stage_hash(cfg, stage)
-    if ckpt_dir.is_dir():
-        have = (ckpt_dir / HASH_FILE).read_text().strip() if (ckpt_dir / HASH_FILE).is_file() else None
-        if have != want:
-            shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    (ckpt_dir / HASH_FILE).write_text(want)
+    if state.is_main_process:
+        if ckpt_dir.is_dir():
+            have = (ckpt_dir / HASH_FILE).read_text().strip() if (ckpt_dir / HASH_FILE).is_file() else None
+            if have != want:
+                shutil.rmtree(ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / HASH_FILE).write_text(want)
+    state.wait_for_everyone()
     last = get_last_checkpoint(str(ckpt_dir))
+    if state.is_main_process:
+        _trim_metrics(cfg.stage_dir(stage) / METRICS_FILE, int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
     if last:
         log.info("resuming %s from %s", stage, last)
     return last
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows logged up to `step` (the checkpoint resumed from), minus end-of-training summaries."""
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [row for row in read_metrics(path) if row.get("step", 0) <= step and "train_runtime" not in row]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
+    tmp.replace(path)
 
 
 def callbacks(cfg: PipelineConfig, stage: str) -> list:

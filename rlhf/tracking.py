@@ -116,3 +116,66 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line torn by a kill is skipped
     return rows
+
+
+SECRET_MARKERS = ("key", "token", "secret", "password")
+
+
+def loggable_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """The resolved config for a tracker, with any secret-looking value blanked."""
+
+    def scrub(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) and v else scrub(v)) for k, v in node.items()}
+        return node
+
+    return scrub(cfg.model_dump(mode="json"))
+
+
+class Tracker:
+    """A stage's live tracker for code outside the HF Trainer (PPO): W&B or TensorBoard."""
+
+    def __init__(self, cfg: PipelineConfig, stage: str):
+        self.wandb_run = None
+        self.tb = None
+        backends = report_to(cfg, stage)
+        if "wandb" in backends:
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=cfg.tracking.project, entity=cfg.tracking.entity, group=cfg.run_name, job_type=stage,
+                name=f"{cfg.run_name}-{stage}", dir=str(cfg.stage_dir(stage)), config=loggable_config(cfg),
+                mode=os.environ["WANDB_MODE"], reinit="finish_previous",
+            )
+        elif "tensorboard" in backends:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                from rlhf.errors import UserError
+
+                raise UserError("tracking.backend: tensorboard needs the tensorboard package; run: pip install tensorboard") from None
+            self.tb = SummaryWriter(log_dir=str(cfg.stage_dir(stage) / "tensorboard"))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def log_samples(self, rows: list[dict[str, Any]], step: int) -> None:
+        if self.wandb_run is not None and rows:
+            import wandb
+
+            columns = list(rows[0])
+            self.wandb_run.log({"samples": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])},
+                               step=step)
+        if self.tb is not None:
+            text = "\n\n".join(f"**{r['score']:.3f}** {r['prompt']} → {r['response']}" for r in rows)
+            self.tb.add_text("samples", text, step)
+
+    def finish(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.tb is not None:
+            self.tb.close()

@@ -58,3 +58,14 @@ def tiny_sft_run(tmp_path_factory) -> Path:
     path = write_config(tmp)
     run(load_config(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_run(tiny_sft_run) -> Path:
+    """The tiny_sft_run config whose run folder also holds a finished tiny RM stage
+    (rm/adapter with score_head.safetensors, rm/model, rm/eval.json, rm/manifest.json)."""
+    from rlhf.config import load_config
+    from rlhf.rm import run
+
+    run(load_config(tiny_sft_run))
+    return tiny_sft_run

@@ -1,0 +1,235 @@
+"""Reward-model training throughput: our `rlhf.rm.run` against a plain trl.RewardTrainer script, in one run.
+
+Both sides train the same model folder, loaded as AutoModelForSequenceClassification(num_labels=1),
+on data/demo/rm_train.jsonl (explicit prompt, conversational; in file order with the same seed, so
+both see the same batches), with the same LoRA (r=16, alpha=32, all-linear, SEQ_CLS: the score head
+trained in full), batch size, learning rate and schedule, dtype, seed and number of optimizer steps.
+Activation checkpointing is off on both sides (TRL's default is on; ours is off). One
+TrainerCallback, attached to both trainers, times them:
+
+- loop throughput: tokens / seconds from on_train_begin to on_train_end (steps, per-step logging and,
+  on our side, the resumable checkpoint our stage writes at the last step);
+- steady-state throughput: tokens / seconds between the end of the warm-up steps and the end of the
+  last step.
+
+Tokens are RewardTrainer's logged `num_tokens` (non-padding tokens of the chosen and rejected
+sequences), counted identically on both sides. Model loading, tokenising, and our stage's export
+(adapter, score head, merged model) are outside the timed window; our stage's post-training scoring
+passes (held-out metrics, score_mean/score_std) are skipped here to keep the benchmark short, as
+they are outside it too. Our stage needs a finished SFT stage: the benchmark marks one done with
+MODEL_DIR (a symlink) as its merged model, so both sides train exactly the same weights.
+A short untimed warm-up run comes first; --repeats 2 runs baseline, ours, ours, baseline.
+The last line printed is one JSON object: {"rm_throughput_ratio": ours / baseline, ...}.
+
+    python bench/rm_vs_trl.py MODEL_DIR [--steps 20] [--batch-size 8] [--repeats 2] [--threads 1]
+    python bench/rm_vs_trl.py            # the embedded SmolLM2 (rlhf.models.resolve_model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data" / "demo" / "rm_train.jsonl"
+LORA = {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}  # RewardTrainer zeroes dropout anyway
+LR = 5e-5
+SEED = 42
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def timer_callback():
+    """A TrainerCallback recording when training starts/ends, when each step ends, and the
+    cumulative token count RewardTrainer logs at each step."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin = self.end = 0.0
+            self.step_end: dict[int, float] = {}
+            self.tokens: dict[int, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_end[state.global_step] = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                self.tokens[state.global_step] = float(logs["num_tokens"])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+
+        def result(self, warmup: int) -> dict:
+            last = max(self.step_end)
+            w = min(warmup, last - 1)
+            total = self.tokens[last]
+            steady_tokens = total - (self.tokens[w] if w > 0 else 0.0)
+            steady_time = self.step_end[last] - (self.step_end[w] if w > 0 else self.begin)
+            return {
+                "steps": last, "tokens": total, "loop_s": self.end - self.begin,
+                "loop_tokens_per_s": total / (self.end - self.begin),
+                "steady_tokens_per_s": steady_tokens / steady_time,
+            }
+
+    return Timer()
+
+
+def run_baseline(args, model_dir: str, out: Path, steps: int) -> dict:
+    """What a user would write with TRL alone."""
+    import torch
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype)
+    data = load_dataset("json", data_files=str(DATA), split="train")
+    data = data.select_columns(["prompt", "chosen", "rejected"])
+    timer = timer_callback()
+    trainer = RewardTrainer(
+        model=model,
+        args=RewardConfig(
+            output_dir=str(out), max_steps=steps, per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1, learning_rate=LR, lr_scheduler_type="linear", warmup_steps=0.03,
+            max_length=args.max_length, logging_steps=1, save_strategy="no", report_to="none", seed=SEED,
+            bf16=dtype == torch.bfloat16, disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available(),
+            activation_checkpointing=False,  # TRL's default is on, ours off: compare the wrappers, not this
+        ),
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                               target_modules=LORA["target_modules"], task_type="SEQ_CLS", bias="none"),
+        callbacks=[timer],
+    )
+    trainer.train()
+    trainer.save_model(str(out / "adapter"))
+    del trainer, model
+    gc.collect()
+    return timer.result(args.warmup_steps)
+
+
+def run_ours(args, model_dir: str, out: Path, steps: int) -> dict:
+    """rlhf.rm.run on the equivalent pipeline config (our defaults elsewhere)."""
+    import rlhf.rm
+    from rlhf.config import validate_config
+    from rlhf.hf_trainer import callbacks
+    from rlhf.runs import begin_stage, finish_stage
+
+    cfg = validate_config({
+        "run_name": "bench", "output_dir": str(out), "seed": SEED,
+        "model": {"name_or_path": model_dir, "dtype": args.dtype}, "lora": LORA, "tracking": {"backend": "none"},
+        "sft": {"data": {"path": str(REPO / "data" / "demo" / "sft_train.jsonl")}},
+        "rm": {
+            "data": {"path": str(DATA), "eval_split": None}, "max_steps": steps, "batch_size": args.batch_size,
+            "grad_accum": 1, "learning_rate": LR, "warmup_ratio": 0.03, "max_length": args.max_length,
+            "logging_steps": 1,
+        },
+    }, "<bench>")
+    sft_dir = cfg.stage_dir("sft")
+    sft_dir.mkdir(parents=True, exist_ok=True)
+    (sft_dir / "model").symlink_to(Path(model_dir).resolve(), target_is_directory=True)
+    finish_stage(cfg, "sft", begin_stage(cfg, "sft"), {"note": "benchmark stand-in"}, {"model": str(sft_dir / "model")})
+
+    timer = timer_callback()
+    real_callbacks, real_evaluate = rlhf.rm.callbacks, rlhf.rm._evaluate
+    rlhf.rm.callbacks = lambda c, stage: callbacks(c, stage) + [timer]  # the same timer as the baseline's
+    rlhf.rm._evaluate = lambda *a, **k: {}  # post-training scoring: outside the timed window, skipped
+    try:
+        rlhf.rm.run(cfg)
+    finally:
+        rlhf.rm.callbacks, rlhf.rm._evaluate = real_callbacks, real_evaluate
+    gc.collect()
+    return timer.result(args.warmup_steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dir", nargs="?", help="model folder (default: the embedded SmolLM2, converted on first use)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
+    parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state figure")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per side; 2+ alternates the order (ABBA)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on a GPU that has it)")
+    parser.add_argument("--no-warmup-run", action="store_true", help="skip the untimed warm-up run")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
+    args = parser.parse_args()
+
+    import logging
+
+    import torch
+    import transformers
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import resolve_model
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    model_dir = args.model_dir or resolve_model(ModelConfig())
+    if not (Path(model_dir) / "config.json").is_file():
+        sys.exit(f"error: {model_dir} is not a model folder (no config.json)")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
+    print(f"model {model_dir} | {args.steps} steps x {args.batch_size} pairs | max_length {args.max_length} | "
+          f"{args.dtype} | {device}", file=sys.stderr)
+
+    work = Path(tempfile.mkdtemp(prefix="rm-bench-"))
+    runners = {"baseline": run_baseline, "ours": run_ours}
+    results: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    try:
+        if not args.no_warmup_run:
+            run_baseline(args, model_dir, work / "warmup", min(3, args.steps))
+        order = ["baseline", "ours"]
+        for r in range(args.repeats):
+            for side in order if r % 2 == 0 else order[::-1]:
+                res = runners[side](args, model_dir, work / f"{side}-{r}", args.steps)
+                results[side].append(res)
+                print(f"{side:8s} run {r}: {res['tokens']:.0f} tokens, loop {res['loop_s']:.1f} s, "
+                      f"{res['loop_tokens_per_s']:.1f} tok/s (steady {res['steady_tokens_per_s']:.1f} tok/s)",
+                      file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def mean(side: str, key: str) -> float:
+        return statistics.mean(r[key] for r in results[side])
+
+    base, ours = mean("baseline", "loop_tokens_per_s"), mean("ours", "loop_tokens_per_s")
+    base_steady, ours_steady = mean("baseline", "steady_tokens_per_s"), mean("ours", "steady_tokens_per_s")
+    if results["baseline"][0]["tokens"] != results["ours"][0]["tokens"]:
+        print("warning: the two sides counted different token totals; their batches differ", file=sys.stderr)
+    print(f"baseline (trl.RewardTrainer): {base:10.1f} tokens/s   steady-state {base_steady:10.1f} tokens/s")
+    print(f"ours (rlhf.rm.run):           {ours:10.1f} tokens/s   steady-state {ours_steady:10.1f} tokens/s")
+    print(f"ratio ours/baseline:          {ours / base:10.3f}            steady-state {ours_steady / base_steady:10.3f}")
+    print(json.dumps({
+        "rm_throughput_ratio": round(ours / base, 4),
+        "rm_steady_throughput_ratio": round(ours_steady / base_steady, 4),
+        "baseline_tokens_per_s": round(base, 2),
+        "ours_tokens_per_s": round(ours, 2),
+        "baseline_steady_tokens_per_s": round(base_steady, 2),
+        "ours_steady_tokens_per_s": round(ours_steady, 2),
+        "tokens_per_run": results["ours"][0]["tokens"],
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "repeats": args.repeats,
+        "dtype": args.dtype, "device": device, "model": model_dir,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""SFT training throughput: our `rlhf.sft.run` against a plain trl.SFTTrainer script, in one run.
+
+Both sides train the same model folder (default: the embedded SmolLM2, converted by
+rlhf.models.resolve_model) on the same demo SFT data, formatted the same way (prompt/completion,
+conversational), with the same LoRA (r=16, alpha=32, dropout 0.05, all-linear), batch size,
+max_length, learning rate, seed and number of optimizer steps. One TrainerCallback times both:
+
+- loop throughput: tokens / seconds from on_train_begin to on_train_end (everything the training
+  loop does: steps, logging, and for our stage the resumable checkpoint it writes at the end);
+- steady-state throughput: tokens / seconds between the end of the warm-up steps and the end of the
+  last step (optimizer steps and per-step logging only).
+
+Tokens are TRL's `num_tokens` (non-padding tokens fed to the model, logged every step), so both
+sides count them identically. A short untimed warm-up run comes first, and with --repeats 2 the
+order is baseline, ours, ours, baseline, so that neither side always runs on a colder (or hotter)
+machine. The last line printed is one JSON object.
+
+    python bench/sft_vs_trl.py                       # embedded SmolLM2, 20 steps
+    python bench/sft_vs_trl.py --model-dir DIR --steps 50 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data" / "demo" / "sft_train.jsonl"
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def timer_callback():
+    """A TrainerCallback recording when training starts/ends, when each step ends, and the
+    cumulative token count TRL logs at each step."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def __init__(self) -> None:
+            self.begin = self.end = 0.0
+            self.step_end: dict[int, float] = {}
+            self.tokens: dict[int, float] = {}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.begin = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.step_end[state.global_step] = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "num_tokens" in logs:
+                self.tokens[state.global_step] = float(logs["num_tokens"])
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.end = time.perf_counter()
+
+        def result(self, warmup: int) -> dict:
+            last = max(self.step_end)
+            w = min(warmup, last - 1)
+            total = self.tokens[last]
+            steady_tokens = total - (self.tokens[w] if w > 0 else 0.0)
+            steady_time = self.step_end[last] - (self.step_end[w] if w > 0 else self.begin)
+            return {
+                "steps": last,
+                "tokens": total,
+                "loop_s": self.end - self.begin,
+                "loop_tokens_per_s": total / (self.end - self.begin),
+                "steady_tokens_per_s": steady_tokens / steady_time,
+            }
+
+    return Timer()
+
+
+def prompt_completion_rows(path: Path) -> list[dict]:
+    """The demo `messages` rows as prompt (every turn but the last) / completion (the last turn)."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            messages = json.loads(line)["messages"]
+            rows.append({"prompt": messages[:-1], "completion": messages[-1:]})
+    return rows
+
+
+def run_baseline(args, model_dir: str, out: Path, steps: int) -> dict:
+    """What a user would write with TRL alone."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    dtype = getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    timer = timer_callback()
+    trainer = SFTTrainer(
+        model=model,
+        args=SFTConfig(
+            output_dir=str(out), max_steps=steps, per_device_train_batch_size=args.batch_size,
+            gradient_accumulation_steps=1, learning_rate=2e-4, lr_scheduler_type="linear", warmup_steps=0.03,
+            max_length=args.max_length, completion_only_loss=True, packing=False, logging_steps=1,
+            save_strategy="no", report_to="none", seed=42, bf16=dtype == torch.bfloat16, disable_tqdm=True,
+            dataloader_pin_memory=torch.cuda.is_available(),
+            # TRL turns activation checkpointing on by default; our model.gradient_checkpointing defaults
+            # to off. Measured with it off on both sides, so the ratio is the cost of our wrapper alone.
+            activation_checkpointing=False,
+        ),
+        train_dataset=Dataset.from_list(prompt_completion_rows(DATA)),
+        processing_class=tokenizer,
+        peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                               task_type="CAUSAL_LM", bias="none"),
+        callbacks=[timer],
+    )
+    trainer.train()
+    trainer.save_model(str(out / "adapter"))
+    del trainer, model
+    gc.collect()
+    return timer.result(args.warmup_steps)
+
+
+def run_ours(args, model_dir: str, out: Path, steps: int) -> dict:
+    """rlhf.sft.run on the equivalent pipeline config (our defaults elsewhere)."""
+    import rlhf.sft
+    from rlhf.config import validate_config
+    from rlhf.hf_trainer import callbacks
+
+    cfg = validate_config({
+        "run_name": "bench", "output_dir": str(out), "seed": 42,
+        "model": {"name_or_path": model_dir, "dtype": args.dtype},
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
+        "tracking": {"backend": "none"},
+        "sft": {
+            "data": {"path": str(DATA), "eval_split": None}, "completion_only_loss": True,
+            "max_steps": steps, "batch_size": args.batch_size, "grad_accum": 1, "learning_rate": 2e-4,
+            "warmup_ratio": 0.03, "max_length": args.max_length, "logging_steps": 1,
+        },
+    }, "<bench>")
+    timer = timer_callback()
+    real = rlhf.sft.callbacks
+    rlhf.sft.callbacks = lambda c, stage: callbacks(c, stage) + [timer]  # the same timer as the baseline's
+    try:
+        rlhf.sft.run(cfg)
+    finally:
+        rlhf.sft.callbacks = real
+    gc.collect()
+    return timer.result(args.warmup_steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model-dir", help="model folder (default: the embedded SmolLM2, converted on first use)")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state figure")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per side; 2+ alternates the order (ABBA)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on a GPU that has it)")
+    parser.add_argument("--no-warmup-run", action="store_true", help="skip the untimed warm-up run")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
+    args = parser.parse_args()
+
+    import logging
+
+    import torch
+    import transformers
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import resolve_model
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    model_dir = args.model_dir or resolve_model(ModelConfig())
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
+    print(f"model {model_dir} | {args.steps} steps x batch {args.batch_size} | max_length {args.max_length} | "
+          f"{args.dtype} | {device}", file=sys.stderr)
+
+    work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
+    runners = {"baseline": run_baseline, "ours": run_ours}
+    results: dict[str, list[dict]] = {"baseline": [], "ours": []}
+    try:
+        if not args.no_warmup_run:
+            run_baseline(args, model_dir, work / "warmup", min(3, args.steps))
+        order = ["baseline", "ours"]
+        for r in range(args.repeats):
+            for side in order if r % 2 == 0 else order[::-1]:
+                res = runners[side](args, model_dir, work / f"{side}-{r}", args.steps)
+                results[side].append(res)
+                print(f"{side:8s} run {r}: {res['tokens']:.0f} tokens, loop {res['loop_s']:.1f} s, "
+                      f"{res['loop_tokens_per_s']:.1f} tok/s (steady {res['steady_tokens_per_s']:.1f} tok/s)",
+                      file=sys.stderr)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    def mean(side: str, key: str) -> float:
+        return statistics.mean(r[key] for r in results[side])
+
+    base, ours = mean("baseline", "loop_tokens_per_s"), mean("ours", "loop_tokens_per_s")
+    base_steady, ours_steady = mean("baseline", "steady_tokens_per_s"), mean("ours", "steady_tokens_per_s")
+    if results["baseline"][0]["tokens"] != results["ours"][0]["tokens"]:
+        print("warning: the two sides counted different token totals; their data differ", file=sys.stderr)
+    print(f"baseline (trl.SFTTrainer): {base:10.1f} tokens/s   steady-state {base_steady:10.1f} tokens/s")
+    print(f"ours (rlhf.sft.run):       {ours:10.1f} tokens/s   steady-state {ours_steady:10.1f} tokens/s")
+    print(f"ratio ours/baseline:       {ours / base:10.3f}            steady-state {ours_steady / base_steady:10.3f}")
+    print(json.dumps({
+        "sft_throughput_ratio": round(ours / base, 4),
+        "sft_steady_throughput_ratio": round(ours_steady / base_steady, 4),
+        "baseline_tokens_per_s": round(base, 2),
+        "ours_tokens_per_s": round(ours, 2),
+        "baseline_steady_tokens_per_s": round(base_steady, 2),
+        "ours_steady_tokens_per_s": round(ours_steady, 2),
+        "tokens_per_run": results["ours"][0]["tokens"],
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "repeats": args.repeats,
+        "dtype": args.dtype, "device": device, "model": model_dir,
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""run-all: the stages in order, each in a fresh process, skipping those already up to date.
+
+A stage is up to date when its manifest says `done` with the current config hash and the
+current hashes of its upstream stages (rlhf.runs.stage_state). `--from STAGE` reruns from a
+stage on, `--only STAGE` runs one, `--force` ignores the manifests. A failing stage stops the
+pipeline and leaves the earlier stages intact; rerunning continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from rlhf.config import STAGES, PipelineConfig
+from rlhf.errors import UserError
+from rlhf.runs import stage_state
+
+
+def plan(cfg: PipelineConfig, start: str | None = None, only: str | None = None, force: bool = False) -> list[tuple[str, str]]:
+    """(stage, reason) for each configured stage that will run, in order; skipped ones are absent."""
+    configured = [s for s in STAGES if getattr(cfg, s) is not None]
+    for name, value in (("--from", start), ("--only", only)):
+        if value is not None and value not in configured:
+            raise UserError(f"{name} {value}: not a configured stage; choose one of {', '.join(configured)}")
+    if only:
+        return [(only, "asked for with --only")]
+    todo: list[tuple[str, str]] = []
+    for stage in configured[configured.index(start) if start else 0:]:
+        if force or (start and stage == start):
+            todo.append((stage, "--force" if force else "--from"))
+            continue
+        state = stage_state(cfg, stage)
+        upstream_rerun = any(t for t, _ in todo)
+        if upstream_rerun:
+            todo.append((stage, "an upstream stage reruns"))
+        elif state.status != "done":
+            todo.append((stage, f"{state.status}: {state.reason}"))
+    return todo
+
+
+def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: str | None = None,
+            only: str | None = None, force: bool = False, echo=print) -> None:
+    todo = plan(cfg, start, only, force)
+    running = {s for s, _ in todo}
+    for stage in STAGES:
+        if getattr(cfg, stage) is not None and stage not in running:
+            echo(f"{stage}: up to date, skipped ({cfg.stage_dir(stage)})")
+    for stage, reason in todo:
+        echo(f"{stage}: running ({reason})")
+        cmd = [sys.executable, "-m", "rlhf.cli", stage, "--config", config_path]
+        for item in overrides:
+            cmd += ["--set", item]
+        result = subprocess.run(cmd)
+        if result.returncode != 0:
+            raise UserError(f"the {stage} stage failed (exit status {result.returncode}); earlier stages are kept. "
+                            f"Fix the cause and rerun: it resumes from the last checkpoint")
+        echo(f"{stage}: done")

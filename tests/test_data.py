@@ -1,0 +1,424 @@
+"""Data: every accepted form per stage, every reader, errors that name file + line/row + column,
+held-out splits, and the drop rules with their counts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from rlhf import data as D
+from rlhf.config import DataConfig, ModelConfig, validate_config
+from rlhf.errors import UserError
+
+DEMO = REPO / "data" / "demo"
+
+
+def user(text: str) -> dict:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def rows_of(records: list[dict], source: str = "mem") -> D.Rows:
+    return D.Rows(source, records, [f"line {i + 1}" for i in range(len(records))])
+
+
+def raises(fn, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from rlhf.models import load_tokenizer
+
+    return load_tokenizer(ModelConfig(name_or_path="embedded:tiny-random-llama"))
+
+
+def stage_cfg(**sections) -> object:
+    """A validated PipelineConfig with the given stage sections (sft is always required)."""
+    raw = {"model": {"name_or_path": "embedded:tiny-random-llama"}, "seed": 0}
+    raw.setdefault("sft", {"data": {"path": str(DEMO / "sft_train.jsonl")}})
+    raw.update(sections)
+    return validate_config(raw)
+
+
+# ---------------------------------------------------------------------------- SFT forms
+
+
+def test_sft_messages_become_prompt_completion_with_completion_only_loss():
+    conv = [{"role": "system", "content": "be brief"}, user("hi"), bot("hello"), user("and?"), bot("bye")]
+    recs = D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=True)
+    assert recs == [{"prompt": conv[:-1], "completion": conv[-1:]}]
+
+
+def test_sft_messages_kept_without_completion_only_loss():
+    conv = [user("hi"), bot("hello")]
+    assert D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=False) == [{"messages": conv}]
+
+
+def test_sft_prompt_completion_text_and_conversational():
+    text = D.sft_records(rows_of([{"prompt": "Q: 2+2?", "completion": " 4", "extra": 1}]), True)
+    assert text == [{"prompt": "Q: 2+2?", "completion": " 4"}]
+    conv = D.sft_records(rows_of([{"prompt": [user("2+2?")], "completion": [bot("4")]}]), True)
+    assert conv == [{"prompt": [user("2+2?")], "completion": [bot("4")]}]
+
+
+def test_sft_text():
+    assert D.sft_records(rows_of([{"text": "once upon a time"}]), True) == [{"text": "once upon a time"}]
+
+
+def test_sft_mixed_prompt_and_completion_types_is_an_error():
+    msg = raises(D.sft_records, rows_of([{"prompt": "q", "completion": [bot("a")]}]), True)
+    assert msg.startswith("mem, line 1:") and "both be text or both be message lists" in msg
+
+
+def test_sft_last_message_must_be_assistant():
+    rows = rows_of([{"messages": [user("a"), bot("b")]}, {"messages": [user("a"), bot("b"), user("c")]}])
+    msg = raises(D.sft_records, rows, True)
+    assert msg.startswith("mem, line 2:") and "last message must be the assistant's reply" in msg
+
+
+def test_sft_assistant_only_conversation_needs_a_prompt_turn():
+    msg = raises(D.sft_records, rows_of([{"messages": [bot("b")]}]), True)
+    assert "needs a prompt turn" in msg
+    assert D.sft_records(rows_of([{"messages": [bot("b")]}]), False) == [{"messages": [bot("b")]}]
+
+
+def test_sft_bad_role_names_row_and_column():
+    msg = raises(D.sft_records, rows_of([{"messages": [{"role": "bot", "content": "x"}, bot("y")]}]), True)
+    assert msg == "mem, line 1: messages[0] has role 'bot'; use one of system, user, assistant, tool"
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ({"messages": "hello"}, "column 'messages' must be a non-empty list"),
+        ({"messages": []}, "column 'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user"}]}, "messages[0] must be an object with 'role' and 'content'"),
+        ({"messages": [user("a"), {"role": "assistant", "content": 3}]}, "messages[1].content must be a string"),
+        ({"prompt": 3, "completion": "x"}, "column 'prompt' must be a string or a list of messages, got int"),
+        ({"prompt": "q", "completion": None}, "column 'completion' is empty"),
+        ({"text": 7}, "column 'text' must be a non-empty string"),
+        ({"text": "   "}, "column 'text' must be a non-empty string"),
+    ],
+)
+def test_sft_wrong_types_name_the_column(row, expected):
+    msg = raises(D.sft_records, rows_of([row]), True)
+    assert msg.startswith("mem, line 1: ") and expected in msg
+
+
+def test_missing_column_lists_what_is_needed_and_found():
+    msg = raises(D.sft_records, rows_of([{"question": "q", "answer": "a"}]), True)
+    assert msg == "mem, line 1: SFT data needs columns messages or prompt+completion or text; found: question, answer"
+
+
+def test_later_row_with_missing_column_is_reported_by_line():
+    rows = rows_of([{"prompt": "q", "completion": "a"}, {"prompt": "q2", "completion": "a2"}, {"prompt": "q3"}])
+    msg = raises(D.sft_records, rows, True)
+    assert msg.startswith("mem, line 3:") and "'completion'" in msg
+
+
+# ---------------------------------------------------------------------------- RM forms
+
+
+def test_rm_explicit_prompt_text_and_conversational():
+    text = D.preference_records(rows_of([{"prompt": "Q?", "chosen": " good", "rejected": " bad"}]))
+    assert text == [{"prompt": "Q?", "chosen": " good", "rejected": " bad"}]
+    conv = D.preference_records(rows_of([{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]))
+    assert conv == [{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
+
+
+def test_rm_implicit_prompt_is_the_shared_prefix():
+    conv = D.preference_records(rows_of([{"chosen": [user("Q?"), bot("good")], "rejected": [user("Q?"), bot("bad")]}]))
+    assert conv == [{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
+    text = D.preference_records(rows_of([{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}]))
+    assert text == [{"prompt": "Q: sky? A:", "chosen": " blue", "rejected": " green"}]
+
+
+def test_rm_margin_column():
+    recs = D.preference_records(rows_of([{"prompt": "q", "chosen": "a", "rejected": "b", "m": 2}]), margin_column="m")
+    assert recs[0]["margin"] == 2.0 and isinstance(recs[0]["margin"], float)
+    msg = raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": "b", "m": "big"}]), "m")
+    assert msg.startswith("mem, line 1:") and "margin column 'm' must hold a number" in msg
+    assert "must hold a number" in raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": "b"}]), "m")
+
+
+def test_rm_type_mismatch_and_missing_columns():
+    msg = raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": [bot("b")]}]))
+    assert "chosen and rejected must both be text or both be message lists" in msg
+    msg = raises(D.preference_records, rows_of([{"prompt": [user("q")], "chosen": "a", "rejected": "b"}]))
+    assert "prompt, chosen and rejected must all be text or all be message lists" in msg
+    msg = raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a"}]))
+    assert "preference data needs columns prompt+chosen+rejected or chosen+rejected; found: prompt, chosen" in msg
+
+
+def test_rm_drop_rules_with_counts(tok):
+    recs = [
+        {"prompt": "q", "chosen": "a", "rejected": "b"},
+        {"prompt": "q", "chosen": "same", "rejected": "same"},
+        {"prompt": "q", "chosen": "  ", "rejected": "b"},
+        {"prompt": "q", "chosen": "x" * 100, "rejected": "b"},
+        {"prompt": [user("q")], "chosen": [bot("")], "rejected": [bot("b")]},
+    ]
+    kept, report = D.filter_preferences(recs, [f"line {i}" for i in range(1, 6)], tok, max_length=50)
+    assert kept == recs[:1]
+    assert report.summary() == {"kept": 1, "dropped": {
+        "chosen == rejected": 1, "chosen or rejected is empty": 2, "longer than max_length=50 tokens": 1}}
+    assert "line 4" in report.describe("RM")
+
+
+# ---------------------------------------------------------------------------- PPO forms
+
+
+def test_ppo_prompt_text_conversational_and_messages():
+    assert D.prompt_records(rows_of([{"prompt": "Tell me"}])) == [{"prompt": "Tell me"}]
+    assert D.prompt_records(rows_of([{"prompt": [user("hi")]}])) == [{"prompt": [user("hi")]}]
+    recs = D.prompt_records(rows_of([{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q")]}]))
+    assert recs == [{"prompt": [user("hi")]}, {"prompt": [user("q")]}]
+
+
+def test_ppo_errors():
+    assert "no prompt turn" in raises(D.prompt_records, rows_of([{"messages": [bot("only")]}]))
+    assert "column 'prompt' is empty" in raises(D.prompt_records, rows_of([{"prompt": "  "}]))
+    assert "PPO data needs columns prompt or messages" in raises(D.prompt_records, rows_of([{"text": "x"}]))
+
+
+def test_ppo_drops_long_prompts(tok):
+    recs = [{"prompt": "short"}, {"prompt": "y" * 200}, {"prompt": [user("z" * 200)]}]
+    kept, report = D.filter_prompts(recs, ["line 1", "line 2", "line 3"], tok, max_length=64)
+    assert kept == recs[:1]
+    assert report.summary() == {"kept": 1, "dropped": {"prompt longer than max_prompt_length=64 tokens": 2}}
+
+
+# ---------------------------------------------------------------------------- readers
+
+
+ROWS = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2"}, {"prompt": "q3", "completion": "a3"}]
+
+
+def test_read_jsonl_labels_by_line_and_skips_blank_lines(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
+    rows = D.read_local(str(path))
+    assert rows.rows == ROWS[:2]
+    assert rows.labels == ["line 1", "line 3"]
+    assert rows.where(1) == f"{path}, line 3"
+
+
+def test_read_json_list_and_data_key(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(ROWS))
+    (tmp_path / "b.json").write_text(json.dumps({"data": ROWS}))
+    for name in ("a.json", "b.json"):
+        rows = D.read_local(str(tmp_path / name))
+        assert rows.rows == ROWS and rows.labels == ["row 1", "row 2", "row 3"]
+    (tmp_path / "c.json").write_text(json.dumps({"prompt": "q"}))
+    assert "expected a JSON list of objects" in raises(D.read_local, str(tmp_path / "c.json"))
+    (tmp_path / "d.json").write_text('[{"prompt": "q"},\n {"prompt": }]')
+    assert raises(D.read_local, str(tmp_path / "d.json")).startswith(f"{tmp_path / 'd.json'}, line 2: malformed JSON")
+
+
+def test_read_parquet_conversational(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    conv = [{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q"), bot("a")]}]
+    pq.write_table(pa.Table.from_pylist(conv), tmp_path / "d.parquet")
+    rows = D.read_local(str(tmp_path / "d.parquet"))
+    assert rows.rows == conv and rows.labels == ["row 1", "row 2"]
+    assert D.sft_records(rows, True)[1] == {"prompt": [user("q")], "completion": [bot("a")]}
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    assert "not a readable parquet file" in raises(D.read_local, str(tmp_path / "bad.parquet"))
+
+
+def test_read_csv_rows_are_numbered_after_the_header(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("prompt,completion\nq1,a1\n\"q, 2\",a2\n")
+    rows = D.read_local(str(path))
+    assert rows.rows == [{"prompt": "q1", "completion": "a1"}, {"prompt": "q, 2", "completion": "a2"}]
+    assert rows.labels == ["row 2", "row 3"]
+    msg = raises(D.sft_records, D.read_local(str(jsonl_csv(tmp_path))), True)
+    assert msg.startswith(f"{tmp_path / 'e.csv'}, row 3:") and "'completion'" in msg
+
+
+def jsonl_csv(tmp_path: Path) -> Path:
+    path = tmp_path / "e.csv"
+    path.write_text("prompt,completion\nq1,a1\nq2\n")  # row 3 has no completion
+    return path
+
+
+def test_read_folder_concatenates_files_in_name_order(tmp_path):
+    jsonl(tmp_path / "b.jsonl", ROWS[1:])
+    jsonl(tmp_path / "a.jsonl", ROWS[:1])
+    (tmp_path / "notes.txt").write_text("ignored")
+    rows = D.read_local(str(tmp_path))
+    assert rows.rows == ROWS
+    assert rows.labels == ["a.jsonl line 1", "b.jsonl line 1", "b.jsonl line 2"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "folder holds no .jsonl, .json, .parquet, .csv files" in raises(D.read_local, str(empty))
+
+
+def test_unsupported_and_missing_files(tmp_path):
+    (tmp_path / "d.txt").write_text("x")
+    assert "unsupported file type '.txt'" in raises(D.read_local, str(tmp_path / "d.txt"))
+    assert "data file not found" in raises(D.read_local, str(tmp_path / "nope.jsonl"))
+
+
+def test_is_local():
+    assert D.is_local(str(DEMO / "sft_train.jsonl"))
+    assert D.is_local("missing/file.parquet") and D.is_local("./x") and D.is_local("~/x")
+    assert not D.is_local("HuggingFaceH4/ultrachat_200k")
+
+
+def test_malformed_jsonl_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"prompt": "q3", "completion": }\n')
+    msg = raises(D.read_local, str(path))
+    assert msg.startswith(f"{path}, line 3: malformed JSON") and "column 32" in msg
+
+
+def test_jsonl_line_that_is_not_an_object(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n")
+    assert raises(D.read_local, str(path)) == f"{path}, line 2: expected a JSON object per line, got list"
+
+
+def test_non_utf8_bytes(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    msg = raises(D.read_local, str(path))
+    assert msg.startswith(f"{path}, line 2: not UTF-8 text (byte 15)")
+    csv_path = tmp_path / "d.csv"
+    csv_path.write_bytes(b"prompt,completion\ncaf\xe9,x\n")
+    assert "not UTF-8 text" in raises(D.read_local, str(csv_path))
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def test_empty_file_is_an_error(tmp_path):
+    (tmp_path / "e.jsonl").write_text("\n")
+    msg = raises(D.read_splits, DataConfig(path=str(tmp_path / "e.jsonl")), 0)
+    assert msg == f"{tmp_path / 'e.jsonl'}: the data set is empty"
+
+
+def test_empty_eval_file_is_an_error(tmp_path, tok):
+    jsonl(tmp_path / "t.jsonl", ROWS)
+    (tmp_path / "e.jsonl").write_text("")
+    cfg = stage_cfg(sft={"data": {"path": str(tmp_path / "t.jsonl"), "eval_path": str(tmp_path / "e.jsonl")}})
+    assert raises(D.sft_data, cfg, tok) == f"{tmp_path / 'e.jsonl'}: the held-out data set is empty"
+
+
+def test_eval_split_is_deterministic_disjoint_and_complete(tmp_path):
+    rows = [{"text": f"row {i}"} for i in range(40)]
+    jsonl(tmp_path / "t.jsonl", rows)
+    data = DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.25)
+    train, held = D.read_splits(data, seed=1)
+    train2, held2 = D.read_splits(data, seed=1)
+    _, held3 = D.read_splits(data, seed=2)
+    assert len(held.rows) == 10 and len(train.rows) == 30
+    assert held.rows == held2.rows and train.rows == train2.rows
+    assert held.rows != held3.rows
+    texts = {r["text"] for r in train.rows}
+    held_texts = {r["text"] for r in held.rows}
+    assert not texts & held_texts and texts | held_texts == {r["text"] for r in rows}
+    assert held.labels[0].startswith("line ")
+    # training rows keep file order (for reporting); the trainer shuffles
+    assert train.labels == sorted(train.labels, key=lambda s: int(s.split()[1]))
+
+
+def test_eval_split_needs_enough_rows_and_hub_split_names(tmp_path):
+    jsonl(tmp_path / "t.jsonl", ROWS[:1])
+    msg = raises(D.read_splits, DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.5), 0)
+    assert "too few to hold out 50%" in msg
+    msg = raises(D.read_splits, DataConfig(path=str(tmp_path / "t.jsonl"), eval_split="test"), 0)
+    assert "names a hub split" in msg and "is a local file" in msg
+
+
+def test_no_eval_and_eval_path(tmp_path):
+    jsonl(tmp_path / "t.jsonl", ROWS)
+    jsonl(tmp_path / "e.jsonl", ROWS[:1])
+    train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=None), 0)
+    assert held is None and train.rows == ROWS
+    train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0)
+    assert train.rows == ROWS and held.rows == ROWS[:1]  # eval_path wins over the default eval_split
+
+
+def test_max_rows_applies_after_the_held_out_carve(tmp_path):
+    jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(20)])
+    train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.5, max_rows=3), 0)
+    assert len(train.rows) == 3 and len(held.rows) == 10
+    assert not {r["text"] for r in train.rows} & {r["text"] for r in held.rows}
+
+
+# ---------------------------------------------------------------------------- per stage
+
+
+def test_sft_drops_too_long_rows_with_counts(tmp_path, tok):
+    rows = [{"messages": [user("hi"), bot("ok")]}, {"messages": [user("x" * 300), bot("ok")]},
+            {"messages": [user("yo"), bot("fine")]}, {"messages": [user("q"), bot("z" * 300)]}]
+    jsonl(tmp_path / "t.jsonl", rows)
+    cfg = stage_cfg(sft={"data": {"path": str(tmp_path / "t.jsonl"), "eval_split": None}, "max_length": 64})
+    out = D.sft_data(cfg, tok)
+    assert len(out.train) == 2 and out.eval is None and out.conversational
+    assert out.report == {"train": {"kept": 2, "dropped": {"longer than max_length=64 tokens": 2}}}
+    assert out.train[0] == {"prompt": [user("hi")], "completion": [bot("ok")]}
+
+
+def test_sft_with_every_row_too_long_is_an_error(tmp_path, tok):
+    jsonl(tmp_path / "t.jsonl", [{"text": "w" * 100}, {"text": "v" * 100}])
+    cfg = stage_cfg(sft={"data": {"path": str(tmp_path / "t.jsonl"), "eval_split": None}, "max_length": 16})
+    msg = raises(D.sft_data, cfg, tok)
+    assert "no usable train rows left" in msg and "2 dropped (longer than max_length=16 tokens; first: line 1, line 2)" in msg
+
+
+def test_sft_data_on_demo_files(tok):
+    cfg = stage_cfg(sft={"data": {"path": str(DEMO / "sft_train.jsonl"), "eval_path": str(DEMO / "sft_eval.jsonl"),
+                                  "max_rows": 8}})
+    out = D.sft_data(cfg, tok)
+    assert len(out.train) == 8 and len(out.eval) == 60 and out.conversational
+    assert set(out.train.column_names) == {"prompt", "completion"}
+
+
+def test_rm_and_ppo_data_on_demo_files(tok):
+    cfg = stage_cfg(
+        rm={"data": {"path": str(DEMO / "rm_train.jsonl"), "eval_split": 0.1, "max_rows": 20}},
+        ppo={"data": {"path": str(DEMO / "ppo_train.jsonl"), "eval_split": None}, "max_prompt_length": 30},
+    )
+    rm = D.rm_data(cfg, tok)
+    assert len(rm.train) == 20 and len(rm.eval) == 64 and rm.conversational
+    assert set(rm.train.column_names) == {"prompt", "chosen", "rejected"}
+    ppo = D.ppo_data(cfg, tok)
+    assert ppo.conversational and ppo.eval is None
+    dropped = ppo.report["train"]["dropped"].get("prompt longer than max_prompt_length=30 tokens", 0)
+    assert dropped > 0 and len(ppo.train) + dropped == 200
+
+
+def test_needs_chat_template():
+    assert D.needs_chat_template(DataConfig(path=str(DEMO / "sft_train.jsonl")), 0)
+
+
+def test_text_data_does_not_need_a_chat_template(tmp_path):
+    jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(5)])
+    assert not D.needs_chat_template(DataConfig(path=str(tmp_path / "t.jsonl")), 0)
+
+
+def test_check_data_counts_rows_and_checks_held_out(tmp_path):
+    jsonl(tmp_path / "t.jsonl", ROWS)
+    jsonl(tmp_path / "e.jsonl", [{"prompt": "q"}])
+    assert D.check_data(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=None), 0, lambda r: D.sft_records(r, True)) == 3
+    msg = raises(D.check_data, DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0,
+                 lambda r: D.sft_records(r, True))
+    assert msg.startswith(f"{tmp_path / 'e.jsonl'}, line 1: SFT data needs columns")
