@@ -159,7 +159,8 @@ def run_ours(args, model_dir: str, out: Path, steps: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model_dir", nargs="?", help="model folder (default: the embedded SmolLM2, converted on first use)")
+    parser.add_argument("model_dir", nargs="?",
+                        help="model folder (default: the embedded SmolLM2, converted on first use)")
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
     parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
     parser.add_argument("--max-length", type=int, default=512)
@@ -217,7 +218,8 @@ def main() -> None:
         print("warning: the two sides counted different token totals; their batches differ", file=sys.stderr)
     print(f"baseline (trl.RewardTrainer): {base:10.1f} tokens/s   steady-state {base_steady:10.1f} tokens/s")
     print(f"ours (rlhf.rm.run):           {ours:10.1f} tokens/s   steady-state {ours_steady:10.1f} tokens/s")
-    print(f"ratio ours/baseline:          {ours / base:10.3f}            steady-state {ours_steady / base_steady:10.3f}")
+    print(f"ratio ours/baseline:          {ours / base:10.3f}            "
+          f"steady-state {ours_steady / base_steady:10.3f}")
     print(json.dumps({
         "rm_throughput_ratio": round(ours / base, 4),
         "rm_steady_throughput_ratio": round(ours_steady / base_steady, 4),

@@ -134,6 +134,12 @@ def export_merged(cfg: PipelineConfig, base_path: str, adapter_dir: Path, out_di
     kwargs.update(load_kwargs)
     base = model_cls.from_pretrained(base_path, **kwargs)
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    # The tokenizer's pad token (made distinct from EOS by load_tokenizer) goes into the model's
+    # configs too: a sequence classifier reads its score at the last non-pad token, and a base
+    # config saying pad == EOS would make it read a right-padded batch at the wrong place.
+    merged.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(merged, "generation_config", None) is not None:
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
 
     def write(tmp: Path) -> None:
         merged.save_pretrained(tmp, safe_serialization=True)

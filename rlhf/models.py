@@ -30,7 +30,7 @@ from rlhf.runs import save_atomically
 if TYPE_CHECKING:
     import torch
     from peft import LoraConfig
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
     from rlhf.config import LoraSection, ModelConfig
 

@@ -11,7 +11,7 @@ from rlhf.rm import run
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", required=True, help="pipeline file (YAML)")
-    parser.add_argument("--set", action="append", default=[], help="override a config field, e.g. rm.learning_rate=1e-4")
+    parser.add_argument("--set", action="append", default=[], help="override a config field, e.g. rm.max_steps=30")
     args = parser.parse_args()
     setup_logging()
     run(load_config(args.config, args.set))

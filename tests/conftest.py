@@ -19,6 +19,20 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(autouse=True)
+def torch_threads(request):
+    """One torch thread for tests on the tiny model: its matrices are too small to split, and on a
+    busy 2-core machine two threads spin against each other (a 0.3 s training loop took 22 s).
+    Tests marked slow (the embedded SmolLM2) keep the default."""
+    import torch
+
+    before = torch.get_num_threads()
+    if request.node.get_closest_marker("slow") is None:
+        torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_config(tmp_path: Path, overrides: dict | None = None, base: Path = TINY, name: str = "pipeline.yaml") -> Path:
     """Copy a config into tmp_path with output_dir inside tmp_path, data paths absolute, and
     `overrides` (a nested dict) merged in."""

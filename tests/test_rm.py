@@ -31,17 +31,6 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matrices are too small to split between threads; on a busy 2-core machine
-    two threads spin against each other and this file takes minutes instead of seconds. (The first
-    test needs no model, so the session fixtures built later in this module run on one thread too.)"""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _stage(cfg_path: Path, stage: str = "rm") -> Path:
     return load_config(cfg_path).stage_dir(stage)
 
@@ -55,7 +44,8 @@ def _variant(tmp_path: Path, sft_cfg: Path, rm: dict) -> Path:
     """A config in tmp_path whose run folder holds a copy of the finished tiny SFT stage, with the rm
     section changed by `rm` (so the shared tiny_rm_run outputs are never overwritten)."""
     cfg = write_config(tmp_path, {"rm": rm})
-    shutil.copytree(_stage(sft_cfg, "sft"), load_config(cfg).stage_dir("sft"), ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(_stage(sft_cfg, "sft"), load_config(cfg).stage_dir("sft"),
+                    ignore=shutil.ignore_patterns("checkpoints"))
     return cfg
 
 
@@ -183,7 +173,8 @@ def test_ppo_style_scoring_matches_merged(tiny_rm_run):
     stage, sft_model = _stage(tiny_rm_run), _stage(tiny_rm_run, "sft") / "model"
     tok = AutoTokenizer.from_pretrained(stage / "model")
     causal = AutoModelForCausalLM.from_pretrained(sft_model)
-    model = get_peft_model(causal, LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"), adapter_name="policy")
+    policy = LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(causal, policy, adapter_name="policy")
     result = model.load_adapter(str(stage / "adapter"), adapter_name="reward", is_trainable=False)
     assert not result.missing_keys  # every LoRA weight found its layer (only the head is left over)
     model.set_adapter("reward")
@@ -224,7 +215,8 @@ def test_score_api_and_cli(tiny_rm_run):
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
     chosen, rejected = score_pairs(*_load_rm(cfg), PAIRS[:1])
     assert scores == pytest.approx([chosen[0], rejected[0]], abs=1e-5)  # strings became user/assistant turns
-    assert score(cfg.stage_dir("rm") / "model", PAIRS[0]["prompt"], [PAIRS[0]["chosen"]]) == pytest.approx(chosen, abs=1e-5)
+    from_dir = score(cfg.stage_dir("rm") / "model", PAIRS[0]["prompt"], [PAIRS[0]["chosen"]])
+    assert from_dir == pytest.approx(chosen, abs=1e-5)
 
     result = CliRunner().invoke(app, ["score", "--config", str(tiny_rm_run), "--prompt", "What color is the sky?",
                                       "--response", responses[0], "--response", responses[1]])
@@ -251,20 +243,25 @@ def _rows(form: str, n: int) -> list[dict]:
     for i in range(n):
         q, good, bad = f"Question {i}: what is {i} plus {i}?", f"It is {2 * i}.", "Potato potato potato."
         if form == "explicit_conversational":
-            rows.append({"prompt": _conv("user", q), "chosen": _conv("assistant", good), "rejected": _conv("assistant", bad)})
+            rows.append({"prompt": _conv("user", q), "chosen": _conv("assistant", good),
+                         "rejected": _conv("assistant", bad)})
         elif form == "implicit_conversational":
-            rows.append({"chosen": _conv("user", q) + _conv("assistant", good), "rejected": _conv("user", q) + _conv("assistant", bad)})
+            rows.append({"chosen": _conv("user", q) + _conv("assistant", good),
+                         "rejected": _conv("user", q) + _conv("assistant", bad)})
         elif form == "explicit_text":
             rows.append({"prompt": f"Q: {q}\nA:", "chosen": f" {good}", "rejected": f" {bad}"})
         elif form == "implicit_text":
             rows.append({"chosen": f"Q: {q}\nA: {good}", "rejected": f"Q: {q}\nA: {bad}"})
         elif form == "margin":
-            rows.append({"prompt": f"Q: {q}\nA:", "chosen": f" {good}", "rejected": f" {bad}", "strength": float(i % 3)})
+            rows.append({"prompt": f"Q: {q}\nA:", "chosen": f" {good}", "rejected": f" {bad}",
+                         "strength": float(i % 3)})
     return rows
 
 
-@pytest.mark.parametrize("form", ["explicit_conversational", "implicit_conversational", "explicit_text", "implicit_text",
-                                  "margin"])
+FORMS = ["explicit_conversational", "implicit_conversational", "explicit_text", "implicit_text", "margin"]
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_data_forms_train(tiny_sft_run, tmp_path, form):
     train = _write_jsonl(tmp_path / "train.jsonl", _rows(form, 8))
     held = _write_jsonl(tmp_path / "eval.jsonl", _rows(form, 4))

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import rlhf.sft
-from tests.conftest import REPO, write_config
+from tests.conftest import write_config
 from rlhf.cli import app
 from rlhf.config import load_config
 from rlhf.tracking import read_metrics
@@ -35,16 +35,6 @@ def lora_tensors(adapter_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     return load_file(adapter_dir / "adapter_model.safetensors")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matrices are too small to split between threads; on a busy 2-core machine
-    several threads spin against each other and a 0.5 s training loop takes 10 s."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ gives the same weights as an unbroken 0 → M run.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 import math
@@ -36,7 +38,7 @@ from rlhf.ppo.advantages import (
 from rlhf.ppo.losses import explained_variance, policy_loss, value_loss
 from rlhf.ppo.rollout import Rollout, collect_rollout, left_pad, response_logprobs, token_values
 from rlhf.ppo.roles import Roles
-from rlhf.runs import save_atomically, write_json_atomically
+from rlhf.runs import save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +143,34 @@ def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, sched
     return {k: float(np.mean(v)) for k, v in stats.items()}
 
 
+def release_freed_memory() -> None:
+    """Hand memory that PyTorch has freed back to the OS (glibc `malloc_trim`; no-op elsewhere).
+
+    On CPU, activations of every forward pass come from the glibc heap; the sizes vary from pass
+    to pass, so freed blocks fragment and resident memory ratchets up across passes (measured:
+    3.6 GB peak for one SmolLM2 PPO step, 2.9 GB with a trim after each backward, at no
+    measurable cost in time)."""
+    if torch.cuda.is_available():
+        return
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None) -> None:
     if not torch.isfinite(loss):
         vf_text = "" if vf is None else f", value {vf.item()}"
         raise TrainingDiverged(f"PPO loss is {loss.item()} (policy {pg.item()}{vf_text})")
     loss.backward()
+    release_freed_memory()
 
 
 def make_optimizer(roles: Roles, ppo: PPOConfig, total_updates: int):
@@ -379,6 +404,7 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                                   temperature=ppo.temperature, stop_id=stop_id, pad_id=pad_id,
                                   micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn,
                                   score_suffix=score_suffix)
+        release_freed_memory()
         check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
         scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, rm_std)
         adv = compute_advantages(rollout, scores, ppo, kl_ctl.value)
