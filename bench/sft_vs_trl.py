@@ -29,55 +29,15 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from trainer_timing import timer_callback  # noqa: E402 (bench/ is the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "demo" / "sft_train.jsonl"
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-def timer_callback():
-    """A TrainerCallback recording when training starts/ends, when each step ends, and the
-    cumulative token count TRL logs at each step."""
-    from transformers import TrainerCallback
-
-    class Timer(TrainerCallback):
-        def __init__(self) -> None:
-            self.begin = self.end = 0.0
-            self.step_end: dict[int, float] = {}
-            self.tokens: dict[int, float] = {}
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.begin = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.step_end[state.global_step] = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs and "num_tokens" in logs:
-                self.tokens[state.global_step] = float(logs["num_tokens"])
-
-        def on_train_end(self, args, state, control, **kwargs):
-            self.end = time.perf_counter()
-
-        def result(self, warmup: int) -> dict:
-            last = max(self.step_end)
-            w = min(warmup, last - 1)
-            total = self.tokens[last]
-            steady_tokens = total - (self.tokens[w] if w > 0 else 0.0)
-            steady_time = self.step_end[last] - (self.step_end[w] if w > 0 else self.begin)
-            return {
-                "steps": last,
-                "tokens": total,
-                "loop_s": self.end - self.begin,
-                "loop_tokens_per_s": total / (self.end - self.begin),
-                "steady_tokens_per_s": steady_tokens / steady_time,
-            }
-
-    return Timer()
 
 
 def prompt_completion_rows(path: Path) -> list[dict]:

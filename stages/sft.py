@@ -1,21 +1,7 @@
 """Stage 1 (SFT) as a script, for `accelerate launch stages/sft.py --config pipeline.yaml`."""
 
-import argparse
-
-from rlhf.cli import friendly_errors, setup_logging
-from rlhf.config import load_config
 from rlhf.sft import run
-
-
-@friendly_errors
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", required=True, help="pipeline file (YAML)")
-    parser.add_argument("--set", action="append", default=[], help="override a config field, e.g. sft.epochs=2")
-    args = parser.parse_args()
-    setup_logging()
-    run(load_config(args.config, args.set))
-
+from rlhf.stage_script import stage_script
 
 if __name__ == "__main__":
-    main()
+    stage_script(run, __doc__)
