@@ -1,8 +1,8 @@
 """Rollouts: sample responses with the policy, then score them with every role (PPO.md items 1-7).
 
-Shapes: B prompts per batch, P = longest prompt in the batch (prompts left-padded), R =
-`response_length` (responses right-padded to exactly R, so every forward pass of a rollout has
-the same (B, P + R) shape whatever the batch grouping).
+Shapes: B prompts per batch, P = longest prompt in the batch (prompts left-padded), R = longest
+response in the batch, at most `response_length` (responses right-padded to exactly R, so every
+forward pass of a rollout has the same (B, P + R) shape whatever the batch grouping).
 """
 
 from __future__ import annotations
@@ -172,6 +172,11 @@ def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Ten
     reads responses that stopped with this suffix appended, as it saw them in training."""
     tokens = generate(roles, query_ids, query_mask, response_length, temperature, stop_id, pad_id)
     response_ids, response_mask, has_stop = truncate_at_stop(tokens, stop_id, pad_id)
+    # Columns past the longest response are padding in every row: drop them, so the four
+    # rollout passes and every update pass skip them (one width for the whole batch keeps
+    # shapes identical across micro-batch groupings).
+    width = int(response_mask.sum(1).max())
+    response_ids, response_mask = response_ids[:, :width], response_mask[:, :width]
     input_ids = torch.cat([query_ids, response_ids], dim=1)
     attention_mask = torch.cat([query_mask, response_mask], dim=1).long()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("logprobs", "ref_logprobs", "values", "scores", "entropy")}
@@ -182,7 +187,7 @@ def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Ten
                                                      need_values=roles.value_on_policy)
         ref_logprobs, _, _ = response_logprobs(roles, ids, mask, resp, temperature, None)
         if values is None:
-            values = token_values(roles, ids, mask, response_length)
+            values = token_values(roles, ids, mask, width)
         parts["logprobs"].append(logprobs.masked_fill(~rmask, 0.0))
         parts["ref_logprobs"].append(ref_logprobs.masked_fill(~rmask, 0.0))
         parts["values"].append(values.masked_fill(~rmask, 0.0))
