@@ -25,13 +25,10 @@ import argparse
 import gc
 import json
 import os
-import shutil
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from trainer_timing import timer_callback  # noqa: E402 (bench/ is the script's folder)
+from trainer_timing import compare, timer_callback  # noqa: E402 (bench/ is the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "demo" / "sft_train.jsonl"
@@ -149,45 +146,7 @@ def main() -> None:
     print(f"model {model_dir} | {args.steps} steps x batch {args.batch_size} | max_length {args.max_length} | "
           f"{args.dtype} | {device}", file=sys.stderr)
 
-    work = Path(tempfile.mkdtemp(prefix="sft-bench-"))
-    runners = {"baseline": run_baseline, "ours": run_ours}
-    results: dict[str, list[dict]] = {"baseline": [], "ours": []}
-    try:
-        if not args.no_warmup_run:
-            run_baseline(args, model_dir, work / "warmup", min(3, args.steps))
-        order = ["baseline", "ours"]
-        for r in range(args.repeats):
-            for side in order if r % 2 == 0 else order[::-1]:
-                res = runners[side](args, model_dir, work / f"{side}-{r}", args.steps)
-                results[side].append(res)
-                print(f"{side:8s} run {r}: {res['tokens']:.0f} tokens, loop {res['loop_s']:.1f} s, "
-                      f"{res['loop_tokens_per_s']:.1f} tok/s (steady {res['steady_tokens_per_s']:.1f} tok/s)",
-                      file=sys.stderr)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-
-    def mean(side: str, key: str) -> float:
-        return statistics.mean(r[key] for r in results[side])
-
-    base, ours = mean("baseline", "loop_tokens_per_s"), mean("ours", "loop_tokens_per_s")
-    base_steady, ours_steady = mean("baseline", "steady_tokens_per_s"), mean("ours", "steady_tokens_per_s")
-    if results["baseline"][0]["tokens"] != results["ours"][0]["tokens"]:
-        print("warning: the two sides counted different token totals; their data differ", file=sys.stderr)
-    print(f"baseline (trl.SFTTrainer): {base:10.1f} tokens/s   steady-state {base_steady:10.1f} tokens/s")
-    print(f"ours (rlhf.sft.run):       {ours:10.1f} tokens/s   steady-state {ours_steady:10.1f} tokens/s")
-    print(f"ratio ours/baseline:       {ours / base:10.3f}            steady-state {ours_steady / base_steady:10.3f}")
-    print(json.dumps({
-        "sft_throughput_ratio": round(ours / base, 4),
-        "sft_steady_throughput_ratio": round(ours_steady / base_steady, 4),
-        "baseline_tokens_per_s": round(base, 2),
-        "ours_tokens_per_s": round(ours, 2),
-        "baseline_steady_tokens_per_s": round(base_steady, 2),
-        "ours_steady_tokens_per_s": round(ours_steady, 2),
-        "tokens_per_run": results["ours"][0]["tokens"],
-        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "repeats": args.repeats,
-        "dtype": args.dtype, "device": device, "model": model_dir,
-    }))
-
+    compare(args, model_dir, run_baseline, run_ours, "sft", "trl.SFTTrainer", "rlhf.sft.run", device)
 
 if __name__ == "__main__":
     main()
