@@ -77,7 +77,7 @@ def run_ours(a) -> dict:
                     temperature=0.7, missing_eos_score=None, missing_eos_penalty=1.0, save_every=10**6,
                     sample_every=10**6, value_head_on_policy=a.value_on_policy)
     t = time.perf_counter()
-    run_loop(roles, tok, ids, texts, ppo, seed=0, rm_mean=0.0, rm_std=None, ckpt_root=tmp / "ckpt", config_hash="bench",
+    run_loop(roles, tok, ids, texts, ppo, seed=0, rm_mean=0.0, ckpt_root=tmp / "ckpt", config_hash="bench",
              metrics_writer=MetricsWriter(tmp / "metrics.jsonl", enabled=False), samples_path=tmp / "samples.jsonl",
              resume=False)
     dt = time.perf_counter() - t

@@ -86,9 +86,9 @@ def test_missing_eos_rule_uses_response_only():
     ppo = PPOConfig(data={"path": "x.jsonl"})
     raw = torch.tensor([1.0, 2.0])
     has_stop = torch.tensor([True, False])
-    assert final_scores(raw, has_stop, ppo, rm_mean=0.5, rm_std=None).tolist() == [0.5, -1.0]
+    assert final_scores(raw, has_stop, ppo, rm_mean=0.5).tolist() == [0.5, -1.0]
     ppo_pen = PPOConfig(data={"path": "x.jsonl"}, missing_eos_penalty=2.0)
-    assert final_scores(raw, has_stop, ppo_pen, rm_mean=0.5, rm_std=None).tolist() == [0.5, -0.5]
+    assert final_scores(raw, has_stop, ppo_pen, rm_mean=0.5).tolist() == [0.5, -0.5]
     # A prompt that contains EOS does not count: has_stop comes from truncate_at_stop on response tokens only.
     _, _, stop = truncate_at_stop(torch.tensor([[4, 5, 6]]), 2, 0)
     assert not stop.any()
@@ -285,7 +285,7 @@ def test_prompt_order_is_a_pure_function_of_step():
 
 def _loop(cfg, tok, roles, ckpt: Path, **kw):
     texts, prompts = tokenized_prompts(cfg, tok)
-    return run_loop(roles, tok, prompts, texts, cfg.ppo, seed=cfg.seed, rm_mean=0.0, rm_std=None, ckpt_root=ckpt,
+    return run_loop(roles, tok, prompts, texts, cfg.ppo, seed=cfg.seed, rm_mean=0.0, ckpt_root=ckpt,
                     config_hash="h", metrics_writer=MetricsWriter(ckpt / "metrics.jsonl"),
                     samples_path=ckpt.parent / f"{ckpt.name}-samples.jsonl", **kw)
 
@@ -397,7 +397,7 @@ def test_toy_reward_rises_with_bounded_kl(tiny_rm_run, tmp_path):
                                          save_every=100, sample_every=100))
     texts, prompts = tokenized_prompts(cfg, tok)
     ckpt = tmp_path / "toy"
-    run_loop(roles, tok, prompts, texts, toy, seed=0, rm_mean=0.0, rm_std=None, ckpt_root=ckpt, config_hash="toy",
+    run_loop(roles, tok, prompts, texts, toy, seed=0, rm_mean=0.0, ckpt_root=ckpt, config_hash="toy",
              metrics_writer=MetricsWriter(ckpt / "metrics.jsonl"), samples_path=tmp_path / "s.jsonl",
              reward_fn=letter_count)
     rows = read_metrics(ckpt / "metrics.jsonl")

@@ -34,13 +34,14 @@ def _save_policy_adapter(roles, out_dir: Path) -> Path:
     return save_atomically(out_dir, write)
 
 
-def _rm_score_mean(cfg: PipelineConfig) -> tuple[float, float | None]:
+def _rm_score_mean(cfg: PipelineConfig) -> float:
     from rlhf.runs import read_manifest
 
     metrics = (read_manifest(cfg.stage_dir("rm")) or {}).get("metrics", {})
     if "score_mean" not in metrics:
-        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has no score_mean; rerun the RM stage (rlhf rm --force)")
-    return float(metrics["score_mean"]), metrics.get("score_std")
+        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has no score_mean; rerun the RM stage: "
+                        f"rlhf run-all --from rm --config {cfg.source or 'pipeline.yaml'}")
+    return float(metrics["score_mean"])
 
 
 def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
@@ -62,7 +63,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     stage_dir = cfg.stage_dir(STAGE)
     sft_model = cfg.stage_dir("sft") / "model"
     rm_adapter = cfg.stage_dir("rm") / "adapter"
-    rm_mean, rm_std = _rm_score_mean(cfg)
+    rm_mean = _rm_score_mean(cfg)
     tokenizer = load_tokenizer(cfg.model, str(sft_model), need_chat_template=needs_chat_template(cfg.ppo.data, cfg.seed))
     tokenizer.padding_side = "left"
     data = ppo_data(cfg, tokenizer)
@@ -87,7 +88,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
         seed_everything(cfg.seed)  # the policy LoRA's random init (lora_A) must not depend on earlier RNG use
         roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy)
         tracker = Tracker(cfg, STAGE)
-        metrics = run_loop(roles, tokenizer, prompts, prompt_texts, cfg.ppo, seed=cfg.seed, rm_mean=rm_mean, rm_std=rm_std,
+        metrics = run_loop(roles, tokenizer, prompts, prompt_texts, cfg.ppo, seed=cfg.seed, rm_mean=rm_mean,
                            ckpt_root=ckpt_root, config_hash=config_hash,
                            metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl"),
                            samples_path=stage_dir / "samples.jsonl", tracker=tracker,

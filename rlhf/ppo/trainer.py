@@ -66,7 +66,7 @@ class Advantages:
     scores: torch.Tensor  # (B,) the scores used in the reward: centred, EOS-penalised, optionally whitened
 
 
-def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_mean: float, rm_std: float | None) -> torch.Tensor:
+def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_mean: float) -> torch.Tensor:
     """(B,) scores entering the reward: RM score minus the RM's training mean (PPO.md item 9), then the
     missing-stop-token rule (item 6), then optional batch whitening."""
     scores = normalize_scores(raw, rm_mean)
@@ -370,7 +370,7 @@ def seed_everything(seed: int, rank: int = 0) -> int:
 
 
 def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: list[str], ppo: PPOConfig, *, seed: int,
-             rm_mean: float, rm_std: float | None, ckpt_root: Path, config_hash: str, metrics_writer, samples_path: Path,
+             rm_mean: float, ckpt_root: Path, config_hash: str, metrics_writer, samples_path: Path,
              tracker=None, resume: bool = True, stop_after: int | None = None,
              reward_fn=None, score_suffix: list[int] | None = None) -> dict[str, float]:
     """Run PPO steps from the latest checkpoint (or 0) to `ppo.steps` (or `stop_after`, for tests).
@@ -406,7 +406,7 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                                   score_suffix=score_suffix)
         release_freed_memory()
         check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
-        scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, rm_std)
+        scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean)
         adv = compute_advantages(rollout, scores, ppo, kl_ctl.value)
         check_finite(kl=adv.kl, advantages=adv.advantages)
         t1 = time.perf_counter()
