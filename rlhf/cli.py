@@ -148,6 +148,25 @@ def score(
         typer.echo(line)
 
 
+@app.command()
+@friendly_errors
+def status(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Show each stage: done / stale (which keys changed) / missing / running or interrupted, with metrics."""
+    from rlhf.status import print_status
+
+    print_status(_load(config, set_))
+
+
+@app.command()
+@friendly_errors
+def report(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Write PNG plots (reward, KL, response length, RM accuracy, SFT loss) and eval/report.html."""
+    from rlhf.report import write_report
+
+    out = write_report(_load(config, set_), echo=typer.echo)
+    typer.echo(f"report: {out}")
+
+
 @app.command("config-reference")
 def config_reference() -> None:
     """Print the config reference (every key, default and meaning) as a markdown table."""

@@ -83,3 +83,24 @@ def tiny_rm_run(tiny_sft_run) -> Path:
 
     run(load_config(tiny_sft_run))
     return tiny_sft_run
+
+
+@pytest.fixture(scope="session")
+def tiny_ppo_run(tiny_rm_run, tmp_path_factory) -> Path:
+    """A config file whose own run folder holds finished tiny SFT, RM and PPO stages: a copy of
+    tiny_rm_run's folder (output_dir is not part of the stage hashes, so the copies stay done)
+    plus a PPO run, so tests that rerun PPO in tiny_rm_run's folder do not disturb it.
+    Read it only; tests that change it should copy it first."""
+    import shutil
+
+    from rlhf.config import load_config
+    from rlhf.ppo import run
+
+    tmp = tmp_path_factory.mktemp("tiny-full-run")
+    path = write_config(tmp)
+    cfg = load_config(path)
+    src = load_config(tiny_rm_run)
+    for stage in ("sft", "rm"):
+        shutil.copytree(src.stage_dir(stage), cfg.stage_dir(stage), ignore=shutil.ignore_patterns("checkpoints"))
+    run(cfg)
+    return path
