@@ -1,0 +1,141 @@
+"""`rlhf status`: where each stage of a run stands, in one table.
+
+For every stage: its state relative to the current config (done / stale and why / missing /
+running or interrupted / failed — rlhf.runs.stage_state decides, this module only adds what a
+person wants to see beside it), the step of its latest checkpoint, a few key metrics and where
+its outputs are. Reading only: nothing here loads a model or writes a file.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import STAGES, PipelineConfig
+from rlhf.runs import stage_state
+from rlhf.tracking import METRICS_FILE, read_metrics
+
+# What each manifest/metrics status is shown as. "running" stays "running" in the manifest when a
+# process is killed, so from the outside it means "running now, or interrupted".
+SHOWN = {"done": "done", "stale": "stale", "missing": "missing", "running": "running or interrupted",
+         "interrupted": "interrupted", "failed": "failed"}
+STYLE = {"done": "green", "stale": "yellow", "missing": "dim", "running": "cyan", "interrupted": "cyan",
+         "failed": "red", "not configured": "dim"}
+
+
+@dataclass
+class StageRow:
+    stage: str
+    state: str  # done | stale | missing | running | interrupted | failed | not configured
+    reason: str = ""
+    checkpoint: str = ""  # "step N" of the latest checkpoint, "" when none
+    metrics: dict[str, float] = field(default_factory=dict)
+    outputs: list[str] = field(default_factory=list)
+
+
+def latest_checkpoint_step(stage_dir: Path, stage: str) -> int | None:
+    """Step of the newest checkpoint: trainer `checkpoints/checkpoint-N` (SFT, RM) or PPO's `checkpoints/step-N`."""
+    pattern = re.compile(r"^step-(\d+)$" if stage == "ppo" else r"^checkpoint-(\d+)$")
+    root = stage_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    steps = [int(m.group(1)) for d in root.iterdir() if d.is_dir() and (m := pattern.match(d.name))]
+    return max(steps) if steps else None
+
+
+def _last(rows: list[dict[str, Any]], key: str) -> float | None:
+    for row in reversed(rows):
+        if isinstance(row.get(key), (int, float)):
+            return float(row[key])
+    return None
+
+
+def key_metrics(stage: str, stage_dir: Path, manifest: dict[str, Any] | None) -> dict[str, float]:
+    """The few numbers that say how a stage went: from metrics.jsonl (so an interrupted stage shows
+    its progress), falling back to the manifest's final metrics."""
+    rows = read_metrics(stage_dir / METRICS_FILE)
+    final = (manifest or {}).get("metrics") or {}
+    wanted = {
+        # label: (metrics.jsonl key, manifest key)
+        "sft": {"train loss": ("loss", "train_loss_last"), "eval loss": ("eval_loss", "eval_loss")},
+        "rm": {"eval accuracy": ("eval_pairs_accuracy", "eval_accuracy"), "train loss": ("loss", "train_loss_last")},
+        "ppo": {"score": ("objective/scores", "objective/scores"), "KL": ("objective/kl", "objective/kl"),
+                "length": ("response/length_mean", "response/length_mean")},
+    }[stage]
+    out = {}
+    for label, (row_key, manifest_key) in wanted.items():
+        value = _last(rows, row_key)
+        if value is None and isinstance(final.get(manifest_key), (int, float)):
+            value = float(final[manifest_key])
+        if value is not None:
+            out[label] = value
+    return out
+
+
+def stage_rows(cfg: PipelineConfig) -> list[StageRow]:
+    """One row per stage of the pipeline, in order."""
+    rows = []
+    for stage in STAGES:
+        if getattr(cfg, stage) is None:
+            rows.append(StageRow(stage, "not configured", f"no '{stage}' section in the config"))
+            continue
+        stage_dir = cfg.stage_dir(stage)
+        state = stage_state(cfg, stage)
+        status, reason = state.status, state.reason
+        step = latest_checkpoint_step(stage_dir, stage)
+        if status == "missing" and step is not None:
+            # checkpoints without a manifest: the manifest was lost, the training was not
+            status, reason = "interrupted", "checkpoints present but no manifest"
+        if status == "running":
+            reason = "manifest says running: still running, or killed (rerun to resume)"
+        checkpoint = ""
+        if step is not None:
+            total = cfg.ppo.steps if stage == "ppo" else getattr(cfg, stage).max_steps
+            checkpoint = f"step {step}" + (f"/{total}" if total and total > 0 else "")
+        outputs = _outputs(stage_dir, (state.manifest or {}).get("outputs") or {})
+        rows.append(StageRow(stage, status, reason, checkpoint, key_metrics(stage, stage_dir, state.manifest), outputs))
+    return rows
+
+
+def _outputs(stage_dir: Path, recorded: dict[str, str]) -> list[str]:
+    """The stage folder, then each recorded output relative to it (short enough for a table cell)."""
+    if not stage_dir.is_dir():
+        return []
+    out = [f"{stage_dir}/"]
+    for path in recorded.values():
+        p = Path(path)
+        try:
+            out.append("  " + str(p.relative_to(stage_dir)) + ("/" if p.is_dir() else ""))
+        except ValueError:
+            out.append(str(p))
+    return out
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def render(cfg: PipelineConfig, rows: list[StageRow]):
+    """A rich Table of the rows."""
+    from rich.table import Table
+
+    table = Table(title=f"run {cfg.run_name} ({cfg.run_dir})", title_justify="left", show_lines=True)
+    for name in ("stage", "state", "why", "checkpoint", "metrics", "outputs"):
+        table.add_column(name, overflow="fold")
+    for row in rows:
+        shown = SHOWN.get(row.state, row.state)
+        table.add_row(
+            row.stage, f"[{STYLE.get(row.state, '')}]{shown}[/]", row.reason, row.checkpoint,
+            "\n".join(f"{k} {_fmt(v)}" for k, v in row.metrics.items()), "\n".join(row.outputs),
+        )
+    return table
+
+
+def print_status(cfg: PipelineConfig, console=None) -> list[StageRow]:
+    from rich.console import Console
+
+    rows = stage_rows(cfg)
+    (console or Console()).print(render(cfg, rows))
+    return rows
