@@ -167,6 +167,36 @@ def report(config: ConfigOpt, set_: SetOpt = None) -> None:
     typer.echo(f"report: {out}")
 
 
+@app.command("eval")
+@friendly_errors
+def eval_(config: ConfigOpt, set_: SetOpt = None) -> None:
+    """Evaluate the finished stages: RM held-out accuracy, PPO vs SFT win rate and KL, over-optimisation curve."""
+    import json
+
+    from rlhf.evaluate import EVAL_FILE, run, summary_lines
+
+    out_dir = run(_load(config, set_))
+    for line in summary_lines(json.loads((out_dir / EVAL_FILE).read_text(encoding="utf-8")), out_dir):
+        typer.echo(line)
+
+
+@app.command()
+@friendly_errors
+def generate(
+    config: ConfigOpt,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user turn when the model has a chat template).")],
+    stage: Annotated[str, typer.Option("--stage", help="Which stage's model: sft or ppo.")] = "ppo",
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: ppo.response_length.")] = None,
+    temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy. Default: ppo.temperature.")] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed. Default: the config's seed.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Print one response from a stage's merged model (sft/model or ppo/model) to a prompt."""
+    from rlhf.evaluate import generate_text
+
+    typer.echo(generate_text(_load(config, set_), stage, prompt, max_new_tokens, temperature, seed))
+
+
 @app.command("config-reference")
 def config_reference() -> None:
     """Print the config reference (every key, default and meaning) as a markdown table."""

@@ -203,6 +203,35 @@ class PPOConfig(Section):
         return self
 
 
+JUDGE_FORM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class EvalConfig(Section):
+    """`rlhf eval` (rlhf/evaluate.py): the RM on held-out pairs, PPO vs SFT on held-out prompts."""
+
+    enabled: bool = _field(True, description="Run the evaluation at the end of run-all.", affects_output=False)
+    max_prompts: int = _field(32, description="Held-out PPO prompts to compare the PPO policy and the SFT model on (the first N).", ge=1)
+    overopt_prompts: int = _field(
+        8, description="Held-out prompts per PPO checkpoint for the over-optimisation curve (score vs KL); 0 skips it.", ge=0
+    )
+    response_length: int | None = _field(None, description="New tokens per response (null: ppo.response_length).", ge=1)
+    temperature: float | None = _field(None, description="Sampling temperature (null: ppo.temperature).", gt=0)
+    seed: int | None = _field(None, description="Sampling seed, the same for both models (null: the top-level seed).")
+    batch_size: int = _field(16, description="Prompts (or RM pairs) per generation and forward batch.", ge=1)
+    judge: str | None = _field(
+        None,
+        description="Optional gold scorer 'package.module:function', called as function(prompt, response) -> float "
+        "(prompt as in the data: text or a list of messages; response: text).",
+    )
+
+    @field_validator("judge")
+    @classmethod
+    def _judge_form(cls, v: str | None) -> str | None:
+        if v is not None and not JUDGE_FORM.match(v):
+            raise ValueError("expected 'package.module:function', e.g. 'my_judges.length:score'")
+        return v
+
+
 class PipelineConfig(Section):
     run_name: str = _field("demo", description="Name of the run; outputs go to output_dir/run_name.", pattern=r"^[A-Za-z0-9._-]+$")
     output_dir: str = _field("runs", description="Folder holding the run folders.")
@@ -214,6 +243,7 @@ class PipelineConfig(Section):
     sft: SFTConfig = _field(..., description="Stage 1: supervised fine-tuning.")
     rm: RMConfig | None = _field(None, description="Stage 2: reward model.")
     ppo: PPOConfig | None = _field(None, description="Stage 3: PPO against the reward model.")
+    eval: EvalConfig = _field(EvalConfig(), description="Evaluation after PPO (rlhf eval).", affects_output=False)
 
     # Where this config came from, for error messages and relative paths; not part of the file.
     source: str | None = Field(None, exclude=True, repr=False)
