@@ -4,6 +4,8 @@ A stage is up to date when its manifest says `done` with the current config hash
 current hashes of its upstream stages (rlhf.runs.stage_state). `--from STAGE` reruns from a
 stage on, `--only STAGE` runs one, `--force` ignores the manifests. A failing stage stops the
 pipeline and leaves the earlier stages intact; rerunning continues from its last checkpoint.
+After the stages, `rlhf eval` runs (when `eval.enabled`, and not with `--only`) unless its
+eval.json is current and no stage ran.
 """
 
 from __future__ import annotations
@@ -55,3 +57,25 @@ def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: 
             raise UserError(f"the {stage} stage failed (exit status {result.returncode}); earlier stages are kept. "
                             f"Fix the cause and rerun: it resumes from the last checkpoint")
         echo(f"{stage}: done")
+    if only is None and cfg.eval.enabled and cfg.rm is not None:
+        _run_eval(cfg, config_path, overrides, rerun=force or bool(todo), echo=echo)
+
+
+def _run_eval(cfg: PipelineConfig, config_path: str, overrides: list[str], rerun: bool, echo) -> None:
+    """`rlhf eval` after the stages, in its own process like them; skipped when eval/eval.json was
+    computed from the current stages and eval settings and no stage ran now."""
+    from rlhf.evaluate import eval_state
+
+    up_to_date, reason = eval_state(cfg)
+    if up_to_date and not rerun:
+        echo(f"eval: up to date, skipped ({cfg.stage_dir('eval')})")
+        return
+    echo(f"eval: running ({'a stage ran' if rerun else reason})")
+    cmd = [sys.executable, "-m", "rlhf.cli", "eval", "--config", config_path]
+    for item in overrides:
+        cmd += ["--set", item]
+    result = subprocess.run(cmd)
+    if result.returncode != 0:
+        raise UserError(f"the evaluation failed (exit status {result.returncode}); the trained stages are kept. "
+                        f"Fix the cause and run `rlhf eval --config {config_path}`")
+    echo("eval: done")
