@@ -1,8 +1,12 @@
 """Experiment tracking: metrics.jsonl always, plus W&B or TensorBoard when configured.
 
-One W&B run per stage, grouped by the pipeline run (group = run_name, job_type = stage).
-`tracking.mode: auto` goes online when W&B credentials are present and offline otherwise
-(sync later with `wandb sync`). Secrets never reach the logged config.
+One W&B run per stage, grouped by the pipeline run (group = run_name, job_type = stage), with
+the resolved config (secrets blanked) as its config. SFT and RM: `report_to` starts the run and
+the Trainer's WandbCallback logs into it (train/*, eval/* against train/global_step); PPO: a
+`Tracker` logs the PPO metric set per step and a samples table. `tracking.mode: auto` follows
+WANDB_MODE when set, else goes online when W&B credentials are present and offline otherwise,
+with a one-line hint naming the `wandb sync` command. `backend: tensorboard` writes to
+<stage>/tensorboard instead. Secrets never reach the logged config.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -32,44 +37,101 @@ def _wandb_credentials_present() -> bool:
 
 
 def wandb_mode(cfg: PipelineConfig) -> str | None:
-    """'online', 'offline', or None when W&B is not in use."""
+    """'online', 'offline', or None when W&B is not in use.
+
+    `auto` takes WANDB_MODE from the environment when it is set (CI, tests), else goes online when
+    credentials are present and offline otherwise."""
     t = cfg.tracking
     if t.backend != "wandb" or t.mode == "disabled":
         return None
     if t.mode == "auto":
+        env = os.environ.get("WANDB_MODE", "").strip().lower()
+        if env in ("disabled", "offline", "online"):
+            return None if env == "disabled" else env
         return "online" if _wandb_credentials_present() else "offline"
     return t.mode
 
 
-def report_to(cfg: PipelineConfig, stage: str) -> list[str]:
-    """The `report_to` list for a transformers Trainer, with the W&B environment set for this stage."""
+# The W&B run that report_to() started for a Trainer stage, by stage folder: rows that stage writes
+# to metrics.jsonl outside the Trainer (the RM's final held-out accuracy) are mirrored to it.
+_trainer_runs: dict[Path, Any] = {}
+
+
+def start_wandb(cfg: PipelineConfig, stage: str):
+    """Start this stage's W&B run (group = run name, job_type = stage, the config without secrets),
+    or return None when W&B is off. Call on the main process only."""
     mode = wandb_mode(cfg)
-    if mode is not None:
-        os.environ.update({
-            "WANDB_MODE": mode,
-            "WANDB_PROJECT": cfg.tracking.project,
-            "WANDB_RUN_GROUP": cfg.run_name,
-            "WANDB_JOB_TYPE": stage,
-            "WANDB_NAME": f"{cfg.run_name}-{stage}",
-            "WANDB_DIR": str(cfg.stage_dir(stage)),
-        })
-        if cfg.tracking.entity:
-            os.environ["WANDB_ENTITY"] = cfg.tracking.entity
-        if mode == "offline":
-            log.info("W&B is offline (no credentials found); sync later with: wandb sync %s/wandb/offline-run-*",
-                     cfg.stage_dir(stage))
+    if mode is None:
+        return None
+    import wandb
+
+    stage_dir = cfg.stage_dir(stage)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    _trainer_runs.clear()  # reinit finishes any earlier run; never mirror into a finished one
+    run = wandb.init(
+        project=cfg.tracking.project, entity=cfg.tracking.entity, group=cfg.run_name, job_type=stage,
+        name=f"{cfg.run_name}-{stage}", dir=str(stage_dir), config=loggable_config(cfg), mode=mode,
+        reinit="finish_previous",
+    )
+    if mode == "offline":
+        if cfg.tracking.mode == "offline":
+            why = "tracking.mode: offline"
+        else:
+            why = "WANDB_MODE=offline" if os.environ.get("WANDB_MODE") else "no W&B credentials found"
+        log.info("W&B is offline (%s); upload this run later with: wandb sync %s", why, run.settings.sync_dir)
+    return run
+
+
+def _require_tensorboard() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") is None:
+        from rlhf.errors import UserError
+
+        raise UserError("tracking.backend: tensorboard needs the tensorboard package; run: pip install tensorboard "
+                        "(or set tracking.backend: none)")
+
+
+def report_to(cfg: PipelineConfig, stage: str) -> list[str]:
+    """The `report_to` list for a transformers Trainer. For W&B the main process starts the stage's
+    run here, so the Trainer's WandbCallback logs into it (it reuses an active run) and the run has
+    our group, job_type, name and config rather than the Trainer's defaults."""
+    if wandb_mode(cfg) is not None:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:
+            run = start_wandb(cfg, stage)
+            _trainer_runs[cfg.stage_dir(stage).resolve()] = run
         return ["wandb"]
     if cfg.tracking.backend == "tensorboard":
+        _require_tensorboard()
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(cfg.stage_dir(stage) / "tensorboard")
         return ["tensorboard"]
     return []
 
 
-class MetricsWriter:
-    """Append one JSON object per logged step to <stage>/metrics.jsonl (main process only)."""
+def wandb_key(name: str) -> str:
+    """A metrics.jsonl name in the Trainer's W&B naming (eval_loss -> eval/loss, loss -> train/loss)."""
+    if "/" in name:
+        return name
+    for prefix in ("eval", "train", "test"):
+        if name.startswith(prefix + "_"):
+            return f"{prefix}/{name[len(prefix) + 1:]}"
+    return f"train/{name}"
 
-    def __init__(self, path: Path, enabled: bool = True):
+
+class MetricsWriter:
+    """Append one JSON object per logged step to <stage>/metrics.jsonl (main process only).
+
+    With `mirror` (default), a row is also logged to the W&B run that report_to() started for the
+    same stage folder, if any (so the RM's final held-out accuracy reaches the dashboard). The
+    Trainer's own rows are not mirrored (its WandbCallback logs them), and PPO logs through its
+    Tracker, whose run is not registered for mirroring."""
+
+    def __init__(self, path: Path, enabled: bool = True, mirror: bool = True):
         self.path = Path(path)
         self.enabled = enabled
+        self.mirror = mirror
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
@@ -79,6 +141,11 @@ class MetricsWriter:
         row = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in metrics.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+        run = _trainer_runs.get(self.path.parent.resolve()) if self.mirror else None
+        if run is not None:
+            numbers = {wandb_key(k): v for k, v in row.items()
+                       if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+            run.log({**numbers, "train/global_step": step})
 
 
 def _plain(v: Any) -> Any:
@@ -99,7 +166,7 @@ def metrics_callback(path: Path):
             if not state.is_world_process_zero or not logs:
                 return
             if self.writer is None:
-                self.writer = MetricsWriter(path)
+                self.writer = MetricsWriter(path, mirror=False)
             self.writer.write(state.global_step, {**logs, "epoch": state.epoch})
 
     return MetricsJsonl()
@@ -118,18 +185,25 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-SECRET_MARKERS = ("key", "token", "secret", "password")
+# Names of config keys that would hold credentials (none does today; a future field such as
+# `hub_token` or `api_key` must not reach W&B). Whole names and credential suffixes only, so
+# `stop_token` or `margin_column` stay visible.
+SECRET_KEY = re.compile(r"^(token|key)$|(api_?key|secret|password|passwd|auth_token|access_token|hub_token|hf_token)$",
+                        re.IGNORECASE)
+
+
+def scrub_secrets(node: Any) -> Any:
+    """A copy of nested dicts/lists with the value of every credential-like key replaced by '***'."""
+    if isinstance(node, dict):
+        return {k: ("***" if v and SECRET_KEY.search(str(k)) else scrub_secrets(v)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [scrub_secrets(v) for v in node]
+    return node
 
 
 def loggable_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """The resolved config for a tracker, with any secret-looking value blanked."""
-
-    def scrub(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {k: ("***" if any(m in k.lower() for m in SECRET_MARKERS) and v else scrub(v)) for k, v in node.items()}
-        return node
-
-    return scrub(cfg.model_dump(mode="json"))
+    """The resolved config for a tracker, with any credential-like value blanked."""
+    return scrub_secrets(cfg.model_dump(mode="json"))
 
 
 class Tracker:
@@ -138,22 +212,12 @@ class Tracker:
     def __init__(self, cfg: PipelineConfig, stage: str):
         self.wandb_run = None
         self.tb = None
-        backends = report_to(cfg, stage)
-        if "wandb" in backends:
-            import wandb
+        if wandb_mode(cfg) is not None:
+            self.wandb_run = start_wandb(cfg, stage)
+        elif cfg.tracking.backend == "tensorboard":
+            _require_tensorboard()
+            from torch.utils.tensorboard import SummaryWriter
 
-            self.wandb_run = wandb.init(
-                project=cfg.tracking.project, entity=cfg.tracking.entity, group=cfg.run_name, job_type=stage,
-                name=f"{cfg.run_name}-{stage}", dir=str(cfg.stage_dir(stage)), config=loggable_config(cfg),
-                mode=os.environ["WANDB_MODE"], reinit="finish_previous",
-            )
-        elif "tensorboard" in backends:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                from rlhf.errors import UserError
-
-                raise UserError("tracking.backend: tensorboard needs the tensorboard package; run: pip install tensorboard") from None
             self.tb = SummaryWriter(log_dir=str(cfg.stage_dir(stage) / "tensorboard"))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
