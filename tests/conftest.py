@@ -104,3 +104,20 @@ def tiny_ppo_run(tiny_rm_run, tmp_path_factory) -> Path:
         shutil.copytree(src.stage_dir(stage), cfg.stage_dir(stage), ignore=shutil.ignore_patterns("checkpoints"))
     run(cfg)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_eval_run(tiny_ppo_run, tmp_path_factory) -> Path:
+    """A copy of tiny_ppo_run's folder with a finished `rlhf eval` (eval/eval.json, samples.jsonl,
+    rm_calibration.png, overoptimisation.png; 8 prompts, 4 per checkpoint). Read it only."""
+    import shutil
+
+    from rlhf.config import load_config
+    from rlhf.evaluate import run
+
+    tmp = tmp_path_factory.mktemp("tiny-eval-run")
+    path = write_config(tmp, {"eval": {"max_prompts": 8, "overopt_prompts": 4, "batch_size": 4}})
+    cfg = load_config(path)
+    shutil.copytree(load_config(tiny_ppo_run).run_dir, cfg.run_dir)
+    run(cfg)
+    return path

@@ -1,0 +1,307 @@
+"""`rlhf eval` and `rlhf generate` on the tiny model: the win-rate, KL and calibration maths against
+hand-made numbers, the judge plug-in and its error paths, PPO-vs-SFT with an untrained policy
+(identical to the reference: KL exactly 0, win rate exactly 0.5), the outputs and their
+consistency, staleness in run-all, and missing-stage errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rlhf.cli import app
+from rlhf.config import load_config
+from rlhf.errors import UserError
+from rlhf.evaluate import (
+    calibration_bins,
+    compare_policy,
+    describe,
+    eval_state,
+    judge_scores,
+    kl_per_response,
+    load_env,
+    load_judge,
+    load_policy_adapter,
+    load_policy_checkpoint,
+    outcomes,
+    paired_comparison,
+    response_stats,
+    sample,
+)
+from tests.conftest import write_config
+
+
+# Judges for the plug-in tests, imported by the evaluation as "tests.test_evaluate:<name>".
+def length_judge(prompt, response):
+    assert isinstance(response, str) and prompt  # prompt as in the data: here a list of messages
+    return float(len(response))
+
+
+def raising_judge(prompt, response):
+    raise RuntimeError("judge service down")
+
+
+# ---------------------------------------------------------------------------- pure maths
+
+
+def test_paired_comparison_against_hand_computed_values():
+    base = [1.0, 2.0, 3.0, 0.5]
+    new = [2.0, 2.0, 1.0, 1.5]
+    assert outcomes(base, new) == [1.0, 0.5, 0.0, 1.0]
+    m = paired_comparison(base, new)
+    assert (m["n"], m["wins"], m["ties"], m["losses"]) == (4, 2, 1, 1)
+    assert m["win_rate"] == 0.625
+    # outcomes' deviations from 0.625: .375 -.125 -.625 .375 -> Σ² = .6875; sqrt(.6875 / 3 / 4)
+    assert m["win_rate_stderr"] == pytest.approx(math.sqrt(0.6875 / 12))
+    # gains 1, 0, -2, 1: mean 0, Σ² = 6 -> sqrt(6 / 3 / 4)
+    assert m["gain_mean"] == 0.0 and m["gain_stderr"] == pytest.approx(math.sqrt(0.5))
+    assert m["base_mean"] == m["new_mean"] == 1.625
+    same = paired_comparison([0.3, -1.0], [0.3, -1.0])
+    assert same["win_rate"] == 0.5 and same["ties"] == 2 and same["gain_mean"] == 0.0
+    assert math.isnan(paired_comparison([], [])["win_rate"])
+    with pytest.raises(ValueError):
+        outcomes([1.0], [1.0, 2.0])
+
+
+def test_kl_per_response_sums_masked_tokens_only():
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0], [-1.0, -0.25, -7.0]])
+    mask = torch.tensor([[True, True, False], [True, True, False]])
+    # row 0: 0.5 + (-1.0) = -0.5 (the masked +6 is left out); row 1: 0.5 - 0.25 = 0.25
+    assert kl_per_response(logprobs, ref, mask).tolist() == [-0.5, 0.25]
+    assert kl_per_response(logprobs, logprobs, mask).tolist() == [0.0, 0.0]
+
+
+def test_calibration_bins_against_hand_computed_values():
+    bins = calibration_bins([0.0, 1.0, -2.0, 3.0], n_bins=2)
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # sorted by |diff|: [0.0, 1.0] | [-2.0, 3.0]
+    assert [b["n"] for b in bins] == [2, 2]
+    assert bins[0]["accuracy"] == 0.75  # a tie (0.5) and a correct pair (1)
+    assert bins[1]["accuracy"] == 0.5
+    assert bins[0]["abs_diff_mean"] == 0.5 and bins[1]["abs_diff_mean"] == 2.5
+    assert bins[0]["predicted"] == pytest.approx((0.5 + sig(1.0)) / 2)
+    assert bins[1]["predicted"] == pytest.approx((sig(2.0) + sig(3.0)) / 2)
+    assert (bins[1]["abs_diff_min"], bins[1]["abs_diff_max"]) == (2.0, 3.0)
+    few = calibration_bins([1.0, -1.0], n_bins=6)  # fewer pairs than bins: one pair per bin
+    assert [b["n"] for b in few] == [1, 1] and sorted(b["accuracy"] for b in few) == [0.0, 1.0]
+
+
+def test_describe_and_response_stats():
+    d = describe([3.0, 1.0, 2.0, 10.0])
+    assert (d["mean"], d["median"], d["min"], d["max"]) == (4.0, 2.5, 1.0, 10.0)
+    assert describe([5.0])["stderr"] == 0.0
+    s = response_stats([4, 2, 6], [True, False, True])
+    assert s == {"length_mean": 4.0, "length_min": 2, "length_max": 6, "eos_rate": 2 / 3}
+
+
+# ---------------------------------------------------------------------------- judge plug-in
+
+
+def test_judge_loads_and_scores():
+    judge = load_judge("tests.test_evaluate:length_judge")
+    assert judge_scores(judge, "j", ["p", "q"], ["abc", ""], "PPO") == [3.0, 0.0]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("tests.no_such_module:judge", "cannot import module 'tests.no_such_module'"),
+    ("tests.test_evaluate:no_such_judge", "has no attribute 'no_such_judge'"),
+    ("tests.test_evaluate:pytest", "is not a function"),
+])
+def test_judge_that_cannot_be_loaded_is_a_user_error(spec, message):
+    with pytest.raises(UserError, match=message) as info:
+        load_judge(spec)
+    assert spec in str(info.value)
+
+
+@pytest.mark.parametrize("value", ["0.7", float("nan"), None, float("inf"), True])
+def test_judge_returning_a_non_number_names_judge_and_prompt(value):
+    spec = "my.judges:score"
+    judge = lambda p, r: value if p == "bad" else 1.0  # noqa: E731
+    with pytest.raises(UserError) as info:
+        judge_scores(judge, spec, ["ok", "bad"], ["a", "b"], "SFT", indices=[5, 6])
+    msg = str(info.value)
+    assert spec in msg and "held-out prompt 6" in msg and "SFT response" in msg and "finite number" in msg
+
+
+def test_judge_that_raises_names_judge_and_prompt():
+    with pytest.raises(UserError, match=r"'tests.test_evaluate:raising_judge' raised RuntimeError: judge service "
+                                         r"down on held-out prompt 0 \(PPO response\)"):
+        judge_scores(raising_judge, "tests.test_evaluate:raising_judge", ["p"], ["r"], "PPO")
+
+
+def test_judge_form_is_checked_by_config_validation(tmp_path):
+    path = write_config(tmp_path, {"eval": {"judge": "tests/judge.py"}})
+    with pytest.raises(UserError, match=r"eval\.judge: expected 'package\.module:function'"):
+        load_config(path)
+    assert load_config(write_config(tmp_path, {"eval": {"judge": "a.b_c:d"}})).eval.judge == "a.b_c:d"
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@pytest.fixture(scope="module")
+def fresh_env(tiny_ppo_run):
+    """The eval roles with the policy adapter as initialised (lora_B = 0: identical to the reference)."""
+    from rlhf.data import ppo_data, render
+    from rlhf.models import load_tokenizer
+
+    cfg = load_config(tiny_ppo_run)
+    tok = load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model"))
+    data = ppo_data(cfg, tok)
+    raw = list(data.eval["prompt"])[:6]
+    prompts = [tok(render(tok, p), add_special_tokens=False)["input_ids"] for p in raw]
+    env = load_env(cfg, tok, data.conversational)
+    env.batch_size = 4  # two batches, the second one short
+    return cfg, env, raw, prompts
+
+
+def test_untrained_policy_against_sft_is_an_exact_tie(fresh_env):
+    """The SFT pass (adapters off, our sampling) and the policy pass (rollout.generate) draw the same
+    tokens with the same seed when the policy equals the reference: every prompt ties, KL is exactly 0."""
+    cfg, env, raw, prompts = fresh_env
+    policy, judged, rows = compare_policy(env, prompts, raw, load_judge("tests.test_evaluate:length_judge"),
+                                          "tests.test_evaluate:length_judge")
+    assert policy["n_prompts"] == len(rows) == 6
+    assert all(r["sft_response"] == r["ppo_response"] and r["sft_score"] == r["ppo_score"] for r in rows)
+    assert policy["win_rate"] == 0.5 and policy["ties"] == 6 and policy["score_gain_mean"] == 0.0
+    assert [r["kl"] for r in rows] == [0.0] * 6 and policy["kl_mean"] == 0.0
+    assert judged["win_rate"] == 0.5 and judged["agreement_with_rm"] == 1.0
+    assert policy["sft"] == policy["ppo"]
+
+
+def test_both_samplers_draw_the_same_tokens(fresh_env):
+    from rlhf.ppo.rollout import left_pad
+
+    cfg, env, raw, prompts = fresh_env
+    q, qm = left_pad(prompts[:3], env.pad_id)
+    torch.manual_seed(7)
+    a = sample(env, None, q, qm)
+    torch.manual_seed(7)
+    b = sample(env, "policy", q, qm)
+    assert a.shape == (3, env.response_length) and torch.equal(a, b)
+
+
+def test_checkpoint_and_exported_adapter_hold_the_same_final_policy(tiny_ppo_run):
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo.trainer import checkpoint_dirs
+
+    cfg = load_config(tiny_ppo_run)
+    tok = load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model"))
+    env = load_env(cfg, tok, True)
+
+    def policy_weights():
+        return {n: p.detach().clone() for n, p in env.roles.model.named_parameters() if ".policy." in n}
+
+    fresh = policy_weights()
+    last = checkpoint_dirs(cfg.stage_dir("ppo") / "checkpoints")[-1]
+    assert last.name == f"step-{cfg.ppo.steps}"
+    load_policy_checkpoint(env, last)
+    from_ckpt = policy_weights()
+    load_policy_adapter(env, cfg.stage_dir("ppo") / "adapter")
+    from_adapter = policy_weights()
+    assert from_ckpt.keys() == from_adapter.keys() and len(from_ckpt) > 0
+    assert all(torch.equal(from_ckpt[n], from_adapter[n]) for n in from_ckpt)
+    assert any(not torch.equal(fresh[n], from_ckpt[n]) for n in fresh)  # PPO did train it
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+def test_eval_outputs_exist_and_agree(tiny_eval_run):
+    cfg = load_config(tiny_eval_run)
+    out = cfg.stage_dir("eval")
+    report = json.loads((out / "eval.json").read_text())
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    for png in ("rm_calibration.png", "overoptimisation.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # RM: every held-out pair, the same accuracy and margin as the RM stage's own evaluation of rm/model
+    rm_stage = json.loads((cfg.stage_dir("rm") / "eval.json").read_text())
+    rm = report["rm"]
+    assert rm["n_pairs"] == rm_stage["n_pairs"] == sum(b["n"] for b in rm["calibration"])
+    assert rm["margin_mean"] == pytest.approx(rm_stage["margin_mean"], abs=1e-3)
+    assert rm["accuracy"] == pytest.approx(rm_stage["accuracy"], abs=0.03)
+    # policy: the summary is the samples table's
+    policy = report["policy"]
+    assert policy["n_prompts"] == len(rows) == cfg.eval.max_prompts
+    assert policy["win_rate"] == paired_comparison([r["sft_score"] for r in rows], [r["ppo_score"] for r in rows])["win_rate"]
+    assert policy["kl_mean"] == pytest.approx(sum(r["kl"] for r in rows) / len(rows), abs=1e-3)
+    assert policy["ppo"]["eos_rate"] == sum(r["ppo_has_stop"] for r in rows) / len(rows)
+    assert any(r["sft_response"] != r["ppo_response"] for r in rows)  # the trained policy samples differently
+    assert set(rows[0]) >= {"prompt", "sft_response", "ppo_response", "sft_score", "ppo_score", "kl"}
+    assert report["judge"] is None
+    # over-optimisation: step 0 (SFT, KL 0) and every checkpoint
+    points = report["overoptimisation"]
+    assert [p["step"] for p in points] == list(range(0, cfg.ppo.steps + 1, cfg.ppo.save_every))
+    assert points[0]["kl_mean"] == 0.0 and all(p["n_prompts"] == cfg.eval.overopt_prompts for p in points)
+    assert report["settings"]["response_length"] == cfg.ppo.response_length
+
+
+def test_eval_with_judge_through_the_cli(tiny_eval_run, tmp_path):
+    src = load_config(tiny_eval_run)
+    path = write_config(tmp_path, {"eval": {"max_prompts": 4, "overopt_prompts": 2, "batch_size": 4,
+                                            "judge": "tests.test_evaluate:length_judge"}})
+    cfg = load_config(path)
+    shutil.copytree(src.run_dir, cfg.run_dir)
+    result = CliRunner().invoke(app, ["eval", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "win rate" in result.stdout and "judge tests.test_evaluate:length_judge" in result.stdout
+    report = json.loads((cfg.stage_dir("eval") / "eval.json").read_text())
+    rows = [json.loads(line) for line in (cfg.stage_dir("eval") / "samples.jsonl").read_text().splitlines()]
+    assert [r["sft_judge"] for r in rows] == [float(len(r["sft_response"])) for r in rows]
+    expected = paired_comparison([r["sft_judge"] for r in rows], [r["ppo_judge"] for r in rows])
+    assert report["judge"]["win_rate"] == expected["win_rate"] and report["judge"]["n_prompts"] == 4
+    assert all("judge_mean" in p for p in report["overoptimisation"])
+    # a judge that raises: exit 2, one error line naming the judge and the prompt
+    result = CliRunner().invoke(app, ["eval", "--config", str(path), "--set", "eval.judge=tests.test_evaluate:raising_judge"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "error: eval.judge 'tests.test_evaluate:raising_judge' raised RuntimeError" in result.stderr
+    assert "held-out prompt 0" in result.stderr
+
+
+def test_run_all_skips_a_current_eval_and_reruns_a_stale_one(tiny_eval_run, monkeypatch):
+    from rlhf import pipeline
+
+    cfg = load_config(tiny_eval_run)
+    assert eval_state(cfg) == (True, "")
+    launched = []
+    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: launched.append(cmd) or type("R", (), {"returncode": 0}))
+    said = []
+    pipeline.run_all(cfg, str(tiny_eval_run), [], echo=said.append)
+    assert launched == [] and said[-1].startswith("eval: up to date, skipped")
+    changed = load_config(tiny_eval_run, ["eval.max_prompts=5"])
+    assert eval_state(changed)[0] is False
+    pipeline.run_all(changed, str(tiny_eval_run), ["eval.max_prompts=5"], echo=said.append)
+    assert launched == [[*launched[0][:3], "eval", "--config", str(tiny_eval_run), "--set", "eval.max_prompts=5"]]
+    pipeline.run_all(load_config(tiny_eval_run, ["eval.enabled=false"]), str(tiny_eval_run), [], force=False, echo=said.append)
+    assert len(launched) == 1
+
+
+def test_eval_and_generate_name_the_missing_stage(tmp_path):
+    path = write_config(tmp_path)
+    result = CliRunner().invoke(app, ["eval", "--config", str(path)])
+    assert result.exit_code == 2
+    assert f"run `rlhf sft --config {path}` first" in result.stderr
+    result = CliRunner().invoke(app, ["generate", "--config", str(path), "--stage", "ppo", "--prompt", "hi"])
+    assert result.exit_code == 2 and f"run `rlhf ppo --config {path}` first" in result.stderr
+    result = CliRunner().invoke(app, ["generate", "--config", str(path), "--stage", "rm", "--prompt", "hi"])
+    assert result.exit_code == 2 and "choose sft or ppo" in result.stderr
+
+
+def test_generate_prints_the_models_response(tiny_ppo_run):
+    from rlhf.evaluate import generate_text
+
+    cfg = load_config(tiny_ppo_run)
+    for stage in ("sft", "ppo"):
+        result = CliRunner().invoke(app, ["generate", "--config", str(tiny_ppo_run), "--stage", stage, "--prompt",
+                                          "How are you?", "--max-new-tokens", "6", "--temperature", "0"])
+        assert result.exit_code == 0, result.output
+        expected = generate_text(cfg, stage, "How are you?", max_new_tokens=6, temperature=0.0)
+        assert result.stdout == expected + "\n" and expected.strip()
+    sampled = [generate_text(cfg, "ppo", "hi", max_new_tokens=6, temperature=1.0, seed=s) for s in (3, 3)]
+    assert sampled[0] == sampled[1]
