@@ -56,6 +56,9 @@ def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_e
         model_init_kwargs=None,
         disable_tqdm=False,
         dataloader_num_workers=0,
+        # Multi-process runs (DDP): every trainable weight (LoRA, the RM's score head) takes part in
+        # every forward, so DDP need not search the graph for unused ones after each backward.
+        ddp_find_unused_parameters=False,
     )
 
 

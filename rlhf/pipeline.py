@@ -15,6 +15,7 @@ import sys
 
 from rlhf.config import STAGES, PipelineConfig
 from rlhf.errors import UserError
+from rlhf.launch import check_launch, needs_accelerate
 from rlhf.runs import stage_state
 
 
@@ -43,6 +44,9 @@ def plan(cfg: PipelineConfig, start: str | None = None, only: str | None = None,
 def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: str | None = None,
             only: str | None = None, force: bool = False, echo=print) -> None:
     todo = plan(cfg, start, only, force)
+    if needs_accelerate(cfg):  # e.g. PPO under a ZeRO config: say so before SFT spends an hour
+        for stage, _ in todo:
+            check_launch(stage, cfg)
     running = {s for s, _ in todo}
     for stage in STAGES:
         if getattr(cfg, stage) is not None and stage not in running:

@@ -6,10 +6,28 @@ mistake prints one line and exits 2, as the `rlhf` command does."""
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Callable
 
 from rlhf.cli import friendly_errors, setup_logging
 from rlhf.config import PipelineConfig, load_config
+
+
+def init_processes():
+    """Join the process group before any stage code asks who is the main process.
+
+    accelerate's PartialState only builds a CPU (gloo) group when told `cpu=True`; left to itself
+    on a machine without CUDA it would make every launched process a lone rank 0, and they would
+    all write the same files. `rlhf.launch` sets ACCELERATE_USE_CPU there; a hand-run
+    `accelerate launch --multi_gpu` on such a machine is caught by the same CUDA check."""
+    import torch
+    from accelerate import PartialState
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if launched and not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # AcceleratorState (inside the HF Trainer) reads it too
+    cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    return PartialState(cpu=cpu)
 
 
 def stage_script(run: Callable[[PipelineConfig], object], description: str) -> None:
@@ -20,6 +38,11 @@ def stage_script(run: Callable[[PipelineConfig], object], description: str) -> N
         parser.add_argument("--set", action="append", default=[], help="override a config field, e.g. ppo.kl_coef=0.02")
         args = parser.parse_args()
         setup_logging()
-        run(load_config(args.config, args.set))
+        cfg = load_config(args.config, args.set)  # a config mistake fails before the process group forms
+        state = init_processes()
+        try:
+            run(cfg)
+        finally:
+            state.destroy_process_group()
 
     main()

@@ -3,6 +3,9 @@
 Outputs under runs/<name>/ppo/: adapter/ (the policy LoRA), model/ (policy merged into the SFT
 model, a plain transformers folder), checkpoints/step-N/, metrics.jsonl, samples.jsonl,
 manifest.json. Rerunning resumes from the latest checkpoint of the same config.
+
+Under `accelerate launch` (launcher.num_processes > 1) every process trains on its own prompts
+(trainer.run_loop); the main process alone writes the files while the others wait.
 """
 
 from __future__ import annotations
@@ -44,6 +47,20 @@ def _rm_score_mean(cfg: PipelineConfig) -> float:
     return float(metrics["score_mean"])
 
 
+def _processes():
+    """accelerate's view of the processes running this stage; refuses ZeRO and FSDP launches."""
+    import os
+
+    from accelerate import PartialState
+
+    for env, kind in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
+            raise UserError(f"the PPO stage cannot run under {kind} (its trainable weights are LoRA adapters switched "
+                            "on one shared base, so plain data parallel is what helps); launch it with "
+                            "launcher.accelerate_config: configs/accelerate/ddp.yaml")
+    return PartialState()
+
+
 def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     """Train the policy adapter with PPO and export it; returns the merged model folder."""
     import torch
@@ -60,6 +77,8 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     if cfg.ppo is None:
         raise UserError(f"{cfg.source}: no 'ppo' section; add one to run the PPO stage")
     require_upstream(cfg, STAGE)
+    state = _processes()
+    is_main = state.is_main_process
     stage_dir = cfg.stage_dir(STAGE)
     sft_model = cfg.stage_dir("sft") / "model"
     rm_adapter = cfg.stage_dir("rm") / "adapter"
@@ -72,34 +91,42 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
 
     ckpt_root = stage_dir / "checkpoints"
     config_hash = stage_hash(cfg, STAGE)
-    if fresh:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    for old in checkpoint_dirs(ckpt_root):  # checkpoints of another config would mislead resume and evaluation
-        if json.loads((old / "state.json").read_text()).get("config_hash") != config_hash:
-            shutil.rmtree(old)
-    if not checkpoint_dirs(ckpt_root):
-        for name in ("metrics.jsonl", "samples.jsonl"):
-            (stage_dir / name).unlink(missing_ok=True)
-    manifest = begin_stage(cfg, STAGE)
+    manifest: dict = {}
+    if is_main:  # the other processes wait, then all resume from the same checkpoint
+        if fresh:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        for old in checkpoint_dirs(ckpt_root):  # checkpoints of another config would mislead resume and evaluation
+            if json.loads((old / "state.json").read_text()).get("config_hash") != config_hash:
+                shutil.rmtree(old)
+        if not checkpoint_dirs(ckpt_root):
+            for name in ("metrics.jsonl", "samples.jsonl"):
+                (stage_dir / name).unlink(missing_ok=True)
+        manifest = begin_stage(cfg, STAGE)
+    state.wait_for_everyone()
     tracker = None
     try:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        if torch.cuda.is_available() and state.num_processes > 1:
+            device = state.device  # this process's GPU
         base = AutoModelForCausalLM.from_pretrained(str(sft_model), **model_kwargs(cfg.model)).to(device)
         seed_everything(cfg.seed)  # the policy LoRA's random init (lora_A) must not depend on earlier RNG use
         roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy)
-        tracker = Tracker(cfg, STAGE)
+        tracker = Tracker(cfg, STAGE) if is_main else None
         metrics = run_loop(roles, tokenizer, prompts, prompt_texts, cfg.ppo, seed=cfg.seed, rm_mean=rm_mean,
                            ckpt_root=ckpt_root, config_hash=config_hash,
-                           metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl"),
+                           metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl", enabled=is_main),
                            samples_path=stage_dir / "samples.jsonl", tracker=tracker,
                            score_suffix=turn_end_suffix(tokenizer) if data.conversational else [])
-        _save_policy_adapter(roles, stage_dir / "adapter")
-        del roles, base
-        export_merged(cfg, str(sft_model), stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)
-        finish_stage(cfg, STAGE, manifest, {**metrics, "data": data.report},
-                     {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
+        if is_main:  # every process holds the same adapters (gradients are averaged)
+            _save_policy_adapter(roles, stage_dir / "adapter")
+            del roles, base
+            export_merged(cfg, str(sft_model), stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)
+            finish_stage(cfg, STAGE, manifest, {**metrics, "data": data.report},
+                         {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
+        state.wait_for_everyone()
     except BaseException as e:
-        fail_stage(cfg, STAGE, manifest, f"{type(e).__name__}: {e}")
+        if is_main:
+            fail_stage(cfg, STAGE, manifest, f"{type(e).__name__}: {e}")
         raise
     finally:
         if tracker is not None:

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -27,6 +27,7 @@ import torch
 from rlhf.config import PPOConfig
 from rlhf.errors import UserError
 from rlhf.ppo.advantages import (
+    WHITEN_EPS,
     gae,
     kl_penalty,
     make_kl_controller,
@@ -54,6 +55,10 @@ class TrainingDiverged(UserError):
 # ---------------------------------------------------------------------------- rewards and advantages
 
 
+# whiten(x, mask, shift_mean) -> x whitened over its valid positions (see masked_whiten)
+Whiten = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+
+
 @dataclass
 class Advantages:
     """Per-token training targets of a rollout, each (B, R) float32 (0 where masked)."""
@@ -66,9 +71,11 @@ class Advantages:
     scores: torch.Tensor  # (B,) the scores used in the reward: centred, EOS-penalised, optionally whitened
 
 
-def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_mean: float) -> torch.Tensor:
+def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_mean: float,
+                 whiten: Whiten | None = None) -> torch.Tensor:
     """(B,) scores entering the reward: RM score minus the RM's training mean (PPO.md item 9), then the
-    missing-stop-token rule (item 6), then optional batch whitening."""
+    missing-stop-token rule (item 6), then optional batch whitening (`whiten`: statistics over every
+    process's batch, see cross_process_whiten; None: this batch alone)."""
     scores = normalize_scores(raw, rm_mean)
     if ppo.stop_token is not None:
         if ppo.missing_eos_penalty is not None:
@@ -76,16 +83,22 @@ def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_m
         elif ppo.missing_eos_score is not None:
             scores = torch.where(has_stop, scores, torch.full_like(scores, ppo.missing_eos_score))
     if ppo.whiten_scores:
-        scores = normalize_scores(scores, 0.0, whiten=True)
+        if whiten is None:
+            scores = normalize_scores(scores, 0.0, whiten=True)
+        else:
+            scores = whiten(scores, torch.ones_like(scores, dtype=torch.bool), False)
     return scores
 
 
-def compute_advantages(rollout: Rollout, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float) -> Advantages:
+def compute_advantages(rollout: Rollout, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float,
+                       whiten: Whiten | None = None) -> Advantages:
+    """`whiten`: advantage whitening with statistics over every process's batch (cross_process_whiten);
+    None whitens over this batch alone."""
     mask = rollout.response_mask
     kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator, mask=mask)
     rewards, non_score = per_token_rewards(scores, kl, mask, kl_coef)
     advantages, returns = gae(rewards, rollout.values, mask, gamma=ppo.gamma, lam=ppo.lam)
-    advantages = whiten_advantages(advantages, mask)
+    advantages = whiten_advantages(advantages, mask) if whiten is None else whiten(advantages, mask, True)
     return Advantages(advantages, returns, rewards, kl, non_score, scores)
 
 
@@ -241,9 +254,10 @@ def load_trainable_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(ckpt_root: Path, step: int, roles: Roles, optimizer, scheduler, kl_ctl, generator, config_hash: str,
-                    metrics: dict[str, float]) -> Path:
+                    metrics: dict[str, float], rank_rng: list[bytes] | None = None) -> Path:
     """Write checkpoints/step-N atomically; older checkpoints keep their adapters (for evaluation
-    along the run) but drop their optimizer state."""
+    along the run) but drop their optimizer state. `rank_rng`: the RNG states of processes 1.. of a
+    multi-process run (torch.save bytes), written as rng-rank{r}.pt (process 0's goes into optimizer.pt)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
@@ -252,6 +266,8 @@ def save_checkpoint(ckpt_root: Path, step: int, roles: Roles, optimizer, schedul
                     "rng": _rng_state(generator)}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "kl_controller": kl_ctl.state_dict(),
                                                     "config_hash": config_hash, "metrics": metrics}, indent=2))
+        for r, rng in enumerate(rank_rng or [], start=1):
+            _rank_rng_file(tmp, r).write_bytes(rng)
 
     out = save_atomically(ckpt_root / f"step-{step}", write)
     for old in checkpoint_dirs(ckpt_root):
@@ -369,16 +385,174 @@ def seed_everything(seed: int, rank: int = 0) -> int:
     return process_seed
 
 
+# ---------------------------------------------------------------------------- several processes
+#
+# Data parallel without a wrapper: every process draws its own prompts (a disjoint slice of the
+# step's prompts) and samples with its own seed, then trains on its own rollout; gradients are
+# averaged across processes before each optimizer step, so the processes, started from the same
+# initial adapters, hold the same weights throughout. Whitening uses the statistics of all the
+# processes' batches, metrics are averaged, the KL controller sees the global KL, and only the main
+# process writes files. DDP cannot wrap the model: the policy and the value are two adapters of one
+# module, trained by separate backward passes (see ppo_update), and DDP expects one forward and one
+# backward per step. The collectives are accelerate's (gloo on CPUs, NCCL on GPUs).
+
+
+def sum_across_processes(t: torch.Tensor) -> torch.Tensor:
+    from accelerate.utils import reduce
+
+    return reduce(t, reduction="sum")
+
+
+def mean_across_processes(t: torch.Tensor) -> torch.Tensor:
+    from accelerate.utils import reduce
+
+    return reduce(t, reduction="mean")
+
+
+def global_masked_moments(x: torch.Tensor, mask: torch.Tensor,
+                          sum_across: Callable[[torch.Tensor], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of `x` over the valid positions of every process's batch.
+
+    x, mask: (B, T) (any shape) this process's values and valid positions. `sum_across` sums a
+    tensor over the processes (the identity for one process). Two passes like masked_var: the
+    global mean first, then the summed squared deviations from it; with fewer than two valid values
+    in all, the variance is 0. Returns two 0-dim tensors."""
+    m = mask.bool()
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n, total = sum_across(torch.stack([m.sum().to(x.dtype), torch.where(m, x, zero).sum()]))
+    mean = total / n.clamp(min=1)
+    squares = sum_across(torch.where(m, (x - mean) ** 2, zero).sum())
+    var = torch.where(n > 1, squares / (n - 1).clamp(min=1), zero)
+    return mean, var
+
+
+def whiten_with(x: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, shift_mean: bool) -> torch.Tensor:
+    """masked_whiten with given statistics: (x - mean) / sqrt(var + eps) (+ mean unless shift_mean) on valid
+    positions, 0 elsewhere. x, mask: (B, T); mean, var: 0-dim."""
+    m = mask.bool()
+    out = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(m, out, torch.zeros((), dtype=out.dtype, device=x.device))
+
+
+def cross_process_whiten(sum_across: Callable[[torch.Tensor], torch.Tensor] = sum_across_processes) -> Whiten:
+    """A Whiten for final_scores/compute_advantages that uses every process's batch (global_masked_moments)."""
+
+    def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool) -> torch.Tensor:
+        mean, var = global_masked_moments(x, mask, sum_across)
+        return whiten_with(x, mask, mean, var, shift_mean)
+
+    return whiten
+
+
+class GradientAverager:
+    """Average the gradients of groups of parameters across processes after each backward pass.
+
+    ppo_update accumulates gradients over micro-batches, one backward per adapter (or one joint
+    backward with value_head_on_policy), then clips and steps. A post-accumulate-grad hook on each
+    parameter notes its arrival; when the last parameter of a group has its gradient, the group's
+    gradients are averaged in one flat all-reduce. Averaging after every backward equals averaging
+    once before clipping, because the mean is linear: mean_r(ḡ + g_r) = ḡ + mean_r(g_r) for an
+    already averaged ḡ; so clipping and the step see the same averaged gradient on every process.
+    An optimizer step with a group half-arrived is a bug (a parameter outside the graph) and raises."""
+
+    def __init__(self, groups: list[list[torch.nn.Parameter]], optimizer,
+                 mean_across: Callable[[torch.Tensor], torch.Tensor] = mean_across_processes):
+        self.mean_across = mean_across
+        self.groups = [list(g) for g in groups if g]
+        self.arrived: list[set[int]] = [set() for _ in self.groups]
+        self.handles = []
+        for gi, group in enumerate(self.groups):
+            for p in group:
+                self.handles.append(p.register_post_accumulate_grad_hook(functools.partial(self._arrive, gi)))
+        self.handles.append(optimizer.register_step_pre_hook(self._check_complete))
+
+    def _arrive(self, gi: int, param: torch.nn.Parameter) -> None:
+        self.arrived[gi].add(id(param))
+        if len(self.arrived[gi]) == len(self.groups[gi]):
+            self.arrived[gi].clear()
+            self.average(self.groups[gi])
+
+    def average(self, params: list[torch.nn.Parameter]) -> None:
+        buckets: dict[tuple, list[torch.Tensor]] = {}
+        for p in params:
+            buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+        with torch.no_grad():
+            for grads in buckets.values():
+                flat = self.mean_across(torch.cat([g.reshape(-1) for g in grads]))
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
+    def _check_complete(self, optimizer, args, kwargs) -> None:
+        waiting = sum(len(a) for a in self.arrived)
+        if waiting:
+            raise RuntimeError(f"{waiting} parameters received gradients that were not averaged across processes "
+                               "(their group did not complete a backward pass)")
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def average_metrics(metrics: dict[str, float], mean_across: Callable[[torch.Tensor], torch.Tensor],
+                    device: torch.device | str = "cpu") -> dict[str, float]:
+    """Every metric averaged over the processes (exact for per-response means: every process has the
+    same number of responses; a mean of per-process means for per-token ones)."""
+    names = list(metrics)
+    values = mean_across(torch.tensor([float(metrics[k]) for k in names], dtype=torch.float64, device=device))
+    return dict(zip(names, values.tolist()))
+
+
+def weights_digest(roles: Roles) -> str:
+    """sha256 of every trained tensor (trainable_state): equal on every process of a data-parallel run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(trainable_state(roles).items()):
+        h.update(name.encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _rank_rng_file(ckpt: Path, rank: int) -> Path:
+    return ckpt / f"rng-rank{rank}.pt"
+
+
+def _restore_rank_rng(ckpt: Path, rank: int, world_size: int, seed: int, start: int, generator: torch.Generator) -> None:
+    """Process `rank` > 0 takes its own RNG state from the checkpoint (rank 0's is in optimizer.pt). A
+    checkpoint written by fewer processes has none for it: seed it from (seed, step, rank) instead."""
+    saved_world = 1 + len(list(ckpt.glob("rng-rank*.pt")))
+    if saved_world != world_size and rank == 0:
+        log.warning("resuming %s with %d processes; it was written by %d: the prompt order and sampling differ "
+                    "from an unbroken run", ckpt, world_size, saved_world)
+    if rank == 0:
+        return
+    path = _rank_rng_file(ckpt, rank)
+    if path.is_file():
+        _set_rng_state(torch.load(path, weights_only=True), generator)
+    else:
+        generator.manual_seed(seed_everything(seed + start, rank))
+
+
 def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: list[str], ppo: PPOConfig, *, seed: int,
              rm_mean: float, ckpt_root: Path, config_hash: str, metrics_writer, samples_path: Path,
              tracker=None, resume: bool = True, stop_after: int | None = None,
              reward_fn=None, score_suffix: list[int] | None = None) -> dict[str, float]:
     """Run PPO steps from the latest checkpoint (or 0) to `ppo.steps` (or `stop_after`, for tests).
 
-    `reward_fn` replaces the reward model's score (see rollout.RewardFn). Returns the last step's metrics."""
+    Under `accelerate launch` every process runs this loop on its own share of the prompts (see
+    "several processes" above); only the main process writes metrics, samples and checkpoints, and
+    the caller gives the others a disabled metrics_writer and no tracker. `reward_fn` replaces the
+    reward model's score (see rollout.RewardFn). Returns the last step's metrics (over all processes)."""
+    from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    process_seed = seed_everything(seed)
+    state = PartialState()
+    rank, world = state.process_index, state.num_processes
+    process_seed = seed_everything(seed, rank)
     generator = torch.Generator().manual_seed(process_seed)
     total_updates = ppo.steps * ppo.ppo_epochs * ppo.num_mini_batches
     optimizer, scheduler = make_optimizer(roles, ppo, total_updates)
@@ -387,50 +561,95 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
     ckpt = latest_resumable(ckpt_root, config_hash) if resume else None
     if ckpt is not None:
         start = load_checkpoint(ckpt, roles, optimizer, scheduler, kl_ctl, generator)
+        if world > 1:
+            _restore_rank_rng(ckpt, rank, world, seed, start, generator)
         log.info("resuming PPO from %s (step %d of %d)", ckpt, start, ppo.steps)
     device = next(roles.model.parameters()).device
+    whiten, averager = None, None
+    if world > 1:
+        whiten = cross_process_whiten()
+        averager = GradientAverager([roles.policy_parameters(), roles.value_parameters()], optimizer)
     stop_id = None
     if ppo.stop_token is not None:
         stop_id = tokenizer.eos_token_id if ppo.stop_token == "eos" else tokenizer.convert_tokens_to_ids(ppo.stop_token)
     pad_id = tokenizer.pad_token_id
     end = ppo.steps if stop_after is None else min(ppo.steps, stop_after)
     metrics: dict[str, float] = {}
-    bar = tqdm(range(start, end), initial=start, total=ppo.steps, desc="PPO", unit="step", dynamic_ncols=True)
-    for step in bar:
-        t0 = time.perf_counter()
-        idx = prompt_indices(len(prompts), ppo.rollout_batch_size, step, seed)
-        query_ids, query_mask = left_pad([prompts[i] for i in idx], pad_id, device)
-        rollout = collect_rollout(roles, query_ids, query_mask, response_length=ppo.response_length,
-                                  temperature=ppo.temperature, stop_id=stop_id, pad_id=pad_id,
-                                  micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn,
-                                  score_suffix=score_suffix)
-        release_freed_memory()
-        check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
-        scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean)
-        adv = compute_advantages(rollout, scores, ppo, kl_ctl.value)
-        check_finite(kl=adv.kl, advantages=adv.advantages)
-        t1 = time.perf_counter()
-        update = ppo_update(roles, rollout, adv, optimizer, scheduler, ppo, generator)
-        t2 = time.perf_counter()
-        episode = (step + 1) * ppo.rollout_batch_size
-        kl_coef_used = kl_ctl.value
-        metrics = step_metrics(rollout, adv, update, kl_coef_used, scheduler.get_last_lr()[0], episode, t1 - t0, t2 - t1)
-        kl_ctl.update(metrics["objective/kl"], ppo.rollout_batch_size)
-        for name, value in metrics.items():
-            if not math.isfinite(value) and name != "value/explained_variance":
-                raise TrainingDiverged(f"{name} is {value} at step {step + 1}")
-        for warning in health_warnings(metrics, rollout, ppo, (adv.kl * rollout.response_mask).sum(1)):
-            log.warning("step %d: %s", step + 1, warning)
-        metrics_writer.write(step + 1, metrics)
-        if tracker is not None:
-            tracker.log(metrics, step=step + 1)
-        if (step + 1) % ppo.sample_every == 0 or step + 1 == end:
-            write_samples(samples_path, step + 1, idx, prompt_texts, rollout, tokenizer, tracker)
-        if (step + 1) % ppo.save_every == 0 or step + 1 == end:
-            save_checkpoint(ckpt_root, step + 1, roles, optimizer, scheduler, kl_ctl, generator, config_hash, metrics)
-        bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
-                        len=f"{metrics['response/length_mean']:.0f}")
+    bar = tqdm(range(start, end), initial=start, total=ppo.steps, desc="PPO", unit="step", dynamic_ncols=True,
+               disable=not state.is_main_process)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            # This process's slice of the step's prompts: rollout_batch_size is per process (PPO.md).
+            idx = prompt_indices(len(prompts), ppo.rollout_batch_size * world, step, seed)
+            idx = idx[rank * ppo.rollout_batch_size:(rank + 1) * ppo.rollout_batch_size]
+            query_ids, query_mask = left_pad([prompts[i] for i in idx], pad_id, device)
+            rollout = collect_rollout(roles, query_ids, query_mask, response_length=ppo.response_length,
+                                      temperature=ppo.temperature, stop_id=stop_id, pad_id=pad_id,
+                                      micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn,
+                                      score_suffix=score_suffix)
+            release_freed_memory()
+            check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
+            scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, whiten)
+            adv = compute_advantages(rollout, scores, ppo, kl_ctl.value, whiten)
+            check_finite(kl=adv.kl, advantages=adv.advantages)
+            t1 = time.perf_counter()
+            update = ppo_update(roles, rollout, adv, optimizer, scheduler, ppo, generator)
+            t2 = time.perf_counter()
+            episode = (step + 1) * ppo.rollout_batch_size * world
+            kl_coef_used = kl_ctl.value
+            metrics = step_metrics(rollout, adv, update, kl_coef_used, scheduler.get_last_lr()[0], episode, t1 - t0, t2 - t1)
+            if world > 1:
+                tokens_per_s = metrics["throughput/tokens_per_s"]
+                metrics = average_metrics(metrics, mean_across_processes, device)
+                metrics["episode"] = episode
+                metrics["throughput/tokens_per_s"] = tokens_per_s * world  # every process generates at once
+            kl_ctl.update(metrics["objective/kl"], ppo.rollout_batch_size * world)
+            for name, value in metrics.items():
+                if not math.isfinite(value) and name != "value/explained_variance":
+                    raise TrainingDiverged(f"{name} is {value} at step {step + 1}")
+            if state.is_main_process:
+                for warning in health_warnings(metrics, rollout, ppo, (adv.kl * rollout.response_mask).sum(1)):
+                    log.warning("step %d: %s", step + 1, warning)
+            metrics_writer.write(step + 1, metrics)
+            if tracker is not None:
+                tracker.log(metrics, step=step + 1)
+            if state.is_main_process and ((step + 1) % ppo.sample_every == 0 or step + 1 == end):
+                write_samples(samples_path, step + 1, idx, prompt_texts, rollout, tokenizer, tracker)
+            if (step + 1) % ppo.save_every == 0 or step + 1 == end:
+                _save_all_processes(ckpt_root, step + 1, roles, optimizer, scheduler, kl_ctl, generator, config_hash,
+                                    metrics, state)
+            bar.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.3f}",
+                            len=f"{metrics['response/length_mean']:.0f}")
+    finally:
+        if averager is not None:
+            averager.remove()
     return metrics
+
+
+def _save_all_processes(ckpt_root: Path, step: int, roles: Roles, optimizer, scheduler, kl_ctl, generator,
+                        config_hash: str, metrics: dict[str, float], state) -> None:
+    """The main process writes the checkpoint (weights and optimizer are the same on every process);
+    each other process's RNG state goes into it as rng-rank{r}.pt, so every process resumes exactly."""
+    if state.num_processes == 1:
+        save_checkpoint(ckpt_root, step, roles, optimizer, scheduler, kl_ctl, generator, config_hash, metrics)
+        return
+    import io
+
+    from accelerate.utils import gather_object
+
+    buf = io.BytesIO()  # serialised here: all_gather_object cannot unpickle tensors it sent itself
+    torch.save(_rng_state(generator), buf)
+    rng = gather_object([buf.getvalue()])
+    digests = gather_object([weights_digest(roles)])
+    if len(set(digests)) != 1:  # a bug in the gradient averaging; the checkpoint would hold rank 0's alone
+        raise RuntimeError(f"PPO processes hold different weights after step {step}: {digests}")
+    log.info("step %d: trained weights identical on all %d processes (sha256 %s)", step, state.num_processes,
+             digests[0][:12])
+    if state.is_main_process:
+        save_checkpoint(ckpt_root, step, roles, optimizer, scheduler, kl_ctl, generator, config_hash, metrics,
+                        rank_rng=rng[1:])
+    state.wait_for_everyone()
 
 
 def write_samples(path: Path, step: int, idx: list[int], prompt_texts: list[str], rollout: Rollout, tokenizer, tracker) -> None:

@@ -1,0 +1,232 @@
+"""Several processes: `accelerate launch` of every stage with 2 CPU processes over gloo, and the
+cross-process pieces of PPO (gradient averaging, global whitening, metric averaging, per-process
+RNG in checkpoints) on toy tensors in 2 spawned gloo processes."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, write_config
+
+WORLD = 2
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+
+def test_global_masked_moments_by_hand():
+    from rlhf.ppo.trainer import global_masked_moments, whiten_with
+
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, float("nan"), 7.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    mean, var = global_masked_moments(x, mask, lambda t: t)  # valid: 1, 2, 3
+    assert mean.item() == pytest.approx(2.0) and var.item() == pytest.approx(1.0)  # ((1 + 0 + 1) / (3 - 1))
+    out = whiten_with(x, mask, mean, var, shift_mean=True)
+    assert torch.allclose(out, torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), atol=1e-6)
+    one = global_masked_moments(torch.tensor([5.0]), torch.tensor([True]), lambda t: t)
+    assert one[0].item() == 5.0 and one[1].item() == 0.0  # a single value has no spread
+
+
+def test_ppo_refuses_sharding_configs(tmp_path):
+    from rlhf.config import load_config
+    from rlhf.errors import UserError
+    from rlhf.launch import check_launch
+
+    for name in ("zero2", "zero3", "fsdp"):
+        cfg = load_config(write_config(tmp_path, {"launcher": {"accelerate_config": str(REPO / f"configs/accelerate/{name}.yaml")}}))
+        check_launch("sft", cfg)
+        check_launch("rm", cfg)
+        with pytest.raises(UserError, match="configs/accelerate/ddp.yaml"):
+            check_launch("ppo", cfg)
+    cfg = load_config(write_config(tmp_path, {"launcher": {"accelerate_config": str(REPO / "configs/accelerate/ddp.yaml")}}))
+    check_launch("ppo", cfg)
+
+
+def test_shipped_accelerate_configs_use_known_keys():
+    """accelerate ignores unknown keys inside deepspeed_config/fsdp_config silently: check them against
+    its launch arguments, and the top level against its config class (which rejects unknown keys)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    known = {a.dest for a in launch_command_parser()._actions}
+    for name in ("ddp", "zero2", "zero3", "fsdp"):
+        path = REPO / "configs" / "accelerate" / f"{name}.yaml"
+        load_config_from_file(str(path))
+        raw = yaml.safe_load(path.read_text())
+        for section in ("deepspeed_config", "fsdp_config"):
+            unknown = set(raw.get(section) or {}) - known
+            assert not unknown, f"{path}: unknown {section} keys {unknown}"
+
+
+# ---------------------------------------------------------------------------- 2 gloo processes, toy tensors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _data(rank: int, k: int) -> torch.Tensor:
+    return torch.randn(4, 3, generator=torch.Generator().manual_seed(100 * rank + k))
+
+
+def _two_adapter_backward(policy, value, x, n_micro):
+    """What ppo_update does per micro-batch: one backward per adapter, scaled by 1 / n_micro."""
+    (policy(x).pow(2).mean() / n_micro).backward()
+    (value(x).tanh().sum() / n_micro).backward()
+
+
+def _worker(rank: int, port: int, tmp: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    from accelerate.utils import gather_object
+
+    from rlhf.ppo.advantages import make_kl_controller, masked_whiten
+    from rlhf.ppo.trainer import (
+        GradientAverager, _restore_rank_rng, _save_all_processes, average_metrics, cross_process_whiten,
+        latest_resumable, load_checkpoint, mean_across_processes, seed_everything,
+    )
+    from rlhf.stage_script import init_processes
+
+    state = init_processes()
+    assert (state.process_index, state.num_processes) == (rank, WORLD)
+
+    # Gradients: two micro-batches, a backward per adapter, each process on its own data; after the
+    # loop every process holds the mean over processes of the gradients each would have alone.
+    torch.manual_seed(0)
+    policy, value = torch.nn.Linear(3, 2), torch.nn.Linear(3, 1)
+    expected = [torch.zeros_like(p) for p in [*policy.parameters(), *value.parameters()]]
+    for r in range(WORLD):
+        p_r, v_r = copy.deepcopy(policy), copy.deepcopy(value)
+        for k in range(2):
+            _two_adapter_backward(p_r, v_r, _data(r, k), 2)
+        for e, p in zip(expected, [*p_r.parameters(), *v_r.parameters()]):
+            e += p.grad / WORLD
+    optimizer = torch.optim.SGD([*policy.parameters(), *value.parameters()], lr=0.1)
+    averager = GradientAverager([list(policy.parameters()), list(value.parameters())], optimizer)
+    for k in range(2):
+        _two_adapter_backward(policy, value, _data(rank, k), 2)
+    for e, p in zip(expected, [*policy.parameters(), *value.parameters()]):
+        assert torch.allclose(p.grad, e, atol=1e-6), (rank, p.grad, e)
+        assert not torch.allclose(p.grad, e * WORLD, atol=1e-6)  # not this process's gradient alone
+    optimizer.step()
+    averager.remove()
+    # A group whose backward never completes (a parameter outside the graph) stops the step.
+    w, unused = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(1))
+    opt2 = torch.optim.SGD([w, unused], lr=0.1)
+    av2 = GradientAverager([[w, unused]], opt2)
+    (w * _data(rank, 0)).sum().backward()
+    with pytest.raises(RuntimeError, match="not averaged across processes"):
+        opt2.step()
+    av2.remove()
+
+    # Whitening with the statistics of both processes' batches equals whitening their concatenation.
+    def batch(r):
+        g = torch.Generator().manual_seed(7 + r)
+        return torch.randn(3, 5, generator=g) * (r + 1) + r, torch.rand(3, 5, generator=g) > 0.3
+
+    x, mask = batch(rank)
+    whiten = cross_process_whiten()
+    full_x, full_mask = (torch.cat(t) for t in zip(*(batch(r) for r in range(WORLD))))
+    rows = slice(3 * rank, 3 * rank + 3)
+    assert torch.allclose(whiten(x, mask, True), masked_whiten(full_x, full_mask, shift_mean=True)[rows], atol=1e-5)
+    scores = x[:, 0]
+    all_scores = full_x[:, 0]
+    ones = torch.ones_like(all_scores, dtype=torch.bool)
+    assert torch.allclose(whiten(scores, torch.ones_like(scores, dtype=torch.bool), False),
+                          masked_whiten(all_scores, ones, shift_mean=False)[rows], atol=1e-5)
+    assert average_metrics({"a": float(rank), "b": 2.0}, mean_across_processes) == {"a": 0.5, "b": 2.0}
+
+    # Checkpoint: each process resumes with its own RNG state (rank 1's travels as rng-rank1.pt).
+    roles = SimpleNamespace(model=policy, value_head=value)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: 1.0)
+    kl_ctl = make_kl_controller(0.05, None, 10000)
+    generator = torch.Generator().manual_seed(seed_everything(0, rank))
+    root = Path(tmp) / "checkpoints"
+    _save_all_processes(root, 1, roles, optimizer, scheduler, kl_ctl, generator, "hash", {}, state)
+
+    def draws():
+        return [torch.rand(3).tolist(), torch.rand(3, generator=generator).tolist(), random.random(), float(np.random.rand())]
+
+    after = draws()
+    seed_everything(123)
+    generator.manual_seed(5)
+    ckpt = latest_resumable(root, "hash")
+    assert load_checkpoint(ckpt, roles, optimizer, scheduler, kl_ctl, generator) == 1
+    _restore_rank_rng(ckpt, rank, WORLD, 0, 1, generator)
+    assert draws() == after
+    assert len({json.dumps(d) for d in gather_object([after])}) == WORLD  # each process samples differently
+    assert (ckpt / "rng-rank1.pt").is_file() and not (ckpt / "rng-rank0.pt").exists()
+    state.destroy_process_group()
+
+
+def test_gradient_averaging_whitening_and_rng_across_two_gloo_processes(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+
+
+# ---------------------------------------------------------------------------- all three stages, 2 processes
+
+
+def _steps(path: Path, key: str) -> list[int]:
+    return [row["step"] for row in map(json.loads, path.read_text().splitlines()) if key in row]
+
+
+def test_run_all_with_two_processes(tmp_path):
+    """`rlhf run-all --set launcher.num_processes=2` on the tiny model: 2 gloo processes per stage."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import load_config
+    from rlhf.rm import load_reward_model
+
+    config = write_config(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
+    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "run-all", "--config", str(config),
+                           "--set", "launcher.num_processes=2"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    assert proc.stderr.count("accelerate.commands.launch") == 3
+    cfg = load_config(config)
+    for stage in ("sft", "rm", "ppo"):
+        manifest = json.loads((cfg.stage_dir(stage) / "manifest.json").read_text())
+        assert manifest["status"] == "done", (stage, manifest)
+
+    # Metrics written by one process: each logged step once.
+    assert _steps(cfg.stage_dir("sft") / "metrics.jsonl", "loss") == [1, 2, 3, 4]
+    assert _steps(cfg.stage_dir("rm") / "metrics.jsonl", "loss") == [1, 2, 3, 4]
+    ppo_rows = [json.loads(line) for line in (cfg.stage_dir("ppo") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in ppo_rows] == [1, 2, 3, 4]
+    # Both processes' rollouts count: episodes = 2 processes x rollout_batch_size x steps.
+    assert ppo_rows[-1]["episode"] == WORLD * cfg.ppo.rollout_batch_size * cfg.ppo.steps
+    samples = (cfg.stage_dir("ppo") / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == cfg.ppo.rollout_batch_size * 2  # the main process's prompts, at steps 2 and 4
+    # Gradients averaged: the processes end with the same weights (checked at every checkpoint).
+    for step in (2, 4):
+        assert f"step {step}: trained weights identical on all 2 processes" in proc.stderr
+    assert (cfg.stage_dir("ppo") / "checkpoints" / "step-4" / "rng-rank1.pt").is_file()
+
+    # Outputs load.
+    rm_eval = json.loads((cfg.stage_dir("rm") / "eval.json").read_text())
+    assert rm_eval["n_pairs"] > 0 and "score_mean" in rm_eval
+    load_reward_model(cfg.stage_dir("rm") / "model")
+    for stage in ("sft", "ppo"):
+        AutoModelForCausalLM.from_pretrained(str(cfg.stage_dir(stage) / "model"))
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(cfg.stage_dir("sft") / "model")),
+                              str(cfg.stage_dir("ppo") / "adapter"))
