@@ -43,9 +43,20 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
-            for line in str(e).splitlines():
-                print(f"error: {line}", file=sys.stderr)
+            # One write: the processes of a multi-process stage share one pipe, and separate writes of
+            # text and newline would interleave their lines.
+            sys.stderr.write("".join(f"error: {line}\n" for line in str(e).splitlines()))
+            sys.stderr.flush()
             raise SystemExit(e.exit_code) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # A full disk is the user's to fix, not a bug; every write is atomic, so nothing half-written
+            # is marked done and the rerun resumes from the last complete checkpoint.
+            where = f" while writing {e.filename}" if e.filename else ""
+            print(f"error: no space left on the device{where}; free some space (or point output_dir elsewhere) "
+                  "and rerun: it resumes from the last complete checkpoint", file=sys.stderr)
+            raise SystemExit(2) from None
 
     return wrapper
 

@@ -107,7 +107,32 @@ def run_stage(stage: str, cfg: PipelineConfig, config_path: str, overrides: list
         return module.run(cfg)
     cmd = accelerate_command(stage, cfg, config_path, overrides)
     print("launching:", shlex.join(cmd), file=sys.stderr, flush=True)
-    result = subprocess.run(cmd, env=launch_env())
-    if result.returncode != 0:
-        raise UserError(f"the {stage} stage failed (exit status {result.returncode}); its error is printed above")
+    returncode, errors = run_streaming(cmd, launch_env())
+    if returncode != 0:
+        if errors:  # the processes' own `error:` lines, once, after torchrun's report
+            raise UserError(f"the {stage} stage failed: " + "\n".join(errors))
+        raise UserError(f"the {stage} stage failed (exit status {returncode}); its error is printed above")
     return cfg.stage_dir(stage)
+
+
+def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 1 << 20) -> tuple[int, list[str]]:
+    """Run `cmd` with its output passed through as it comes (progress bars included); return its exit
+    status and the distinct `error: ...` lines (UserErrors) its processes printed to stderr."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    out = getattr(sys.stderr, "buffer", None)
+    tail = bytearray()
+    while chunk := os.read(proc.stderr.fileno(), 1 << 16):
+        if out is not None:
+            out.write(chunk)
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+        sys.stderr.flush()
+        tail += chunk
+        del tail[:-keep]
+    returncode = proc.wait()
+    errors: list[str] = []
+    for line in tail.decode(errors="replace").splitlines():
+        line = line.rsplit("\r", 1)[-1]
+        if line.startswith("error: ") and line[7:] not in errors:
+            errors.append(line[7:])
+    return returncode, errors

@@ -230,3 +230,15 @@ def test_run_all_with_two_processes(tmp_path):
         AutoModelForCausalLM.from_pretrained(str(cfg.stage_dir(stage) / "model"))
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(cfg.stage_dir("sft") / "model")),
                               str(cfg.stage_dir("ppo") / "adapter"))
+
+
+def test_launched_output_streams_and_its_errors_come_back_once():
+    """run_stage passes the processes' output through and ends with their `error:` lines, deduplicated."""
+    from rlhf.launch import run_streaming
+
+    script = ("import sys\n"
+              "for _ in range(2): sys.stderr.write('error: data.jsonl, line 3: no prompt\\n'); sys.stderr.flush()\n"
+              "sys.stderr.write('progress\\r50%\\rerror: second problem\\n'); sys.exit(2)")
+    returncode, errors = run_streaming([sys.executable, "-c", script], dict(os.environ))
+    assert returncode == 2
+    assert errors == ["data.jsonl, line 3: no prompt", "second problem"]
