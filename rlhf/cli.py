@@ -6,10 +6,12 @@ anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
@@ -70,12 +72,19 @@ def _load(config: str, overrides: list[str] | None) -> PipelineConfig:
 @friendly_errors
 def validate(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Check the config, the data sets' columns and the model reference, without training."""
-    from rlhf.config import STAGES
-    from rlhf.data import check_data, is_local, preference_records, prompt_records, sft_records
-    from rlhf.models import check_model_reference
+    check_all(_load(config, set_), config, typer.echo)
 
-    cfg = _load(config, set_)
+
+def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> None:
+    """What `rlhf validate` checks (and `run-all` first, before any stage loads a model): the data
+    sets' columns and types, the model reference, a chat template where the data needs one, and
+    that the run folder can be written."""
+    from rlhf.config import STAGES
+    from rlhf.data import check_data, is_local, needs_chat_template, preference_records, prompt_records, sft_records
+    from rlhf.models import EMBEDDED_PREFIX, check_model_reference, load_tokenizer
+
     warning = check_model_reference(cfg.model)
+    conversational: list[bool] = []
     checks = {"sft": lambda rows: sft_records(rows, cfg.sft.completion_only_loss), "rm": preference_records,
               "ppo": prompt_records}
     if cfg.rm is not None:
@@ -86,13 +95,29 @@ def validate(config: ConfigOpt, set_: SetOpt = None) -> None:
             continue
         data = section.data
         if not is_local(data.path):
-            typer.echo(f"{stage}: hub data set {data.path} (split {data.split}); columns are checked when the stage loads it")
+            echo(f"{stage}: hub data set {data.path} (split {data.split}); columns are checked when the stage loads it")
             continue
         n = check_data(data, cfg.seed, checks[stage])
-        typer.echo(f"{stage}: {data.path}: {n} training rows, columns and types OK")
+        conversational.append(needs_chat_template(data, cfg.seed))
+        echo(f"{stage}: {data.path}: {n} training rows, columns and types OK")
+    local_model = Path(cfg.model.name_or_path).expanduser()
+    if any(conversational) and not cfg.model.name_or_path.startswith(EMBEDDED_PREFIX) and local_model.is_dir():
+        load_tokenizer(cfg.model, str(local_model), need_chat_template=True)  # raises if it has no template
+    check_writable(cfg)
     if warning:
-        typer.echo(f"warning: {warning}")
-    typer.echo(f"{config}: valid (model {cfg.model.name_or_path}, run folder {cfg.run_dir})")
+        echo(f"warning: {warning}")
+    echo(f"{config}: valid (model {cfg.model.name_or_path}, run folder {cfg.run_dir})")
+
+
+def check_writable(cfg: PipelineConfig) -> None:
+    """The run folder must be creatable: its nearest existing ancestor is a writable folder."""
+    path = cfg.run_dir.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+        why = "is not a folder" if not path.is_dir() else "is not writable"
+        raise UserError(f"output_dir: {cfg.output_dir} cannot hold the run folder ({path} {why}); "
+                        "choose a writable output_dir")
 
 
 def _stage_command(stage: str) -> Callable:
@@ -141,6 +166,7 @@ def run_all(
     from rlhf.pipeline import run_all as run_pipeline
 
     cfg = _load(config, set_)
+    check_all(cfg, config, typer.echo)  # a mistake costs seconds: found before any stage loads a model
     run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force, echo=typer.echo)
 
 

@@ -100,7 +100,7 @@ class TrackingConfig(Section):
 
 
 class LauncherConfig(Section):
-    num_processes: int = _field(1, description="Processes per stage; >1 starts the stage with `accelerate launch`.", ge=1, affects_output=False)
+    num_processes: int = _field(1, description="Processes per machine for each stage (one per GPU); >1 starts the stage with `accelerate launch`.", ge=1, affects_output=False)
     num_machines: int = _field(1, description="Machines taking part (multi-node runs).", ge=1, affects_output=False)
     accelerate_config: str | None = _field(
         None, description="An accelerate config file (see configs/accelerate/: ddp, zero2, zero3, fsdp).", affects_output=False
@@ -247,6 +247,13 @@ class PipelineConfig(Section):
 
     # Where this config came from, for error messages and relative paths; not part of the file.
     source: str | None = Field(None, exclude=True, repr=False)
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_a_folder_name(cls, v: str) -> str:
+        if v in (".", ".."):  # the pattern lets dots through; these two would put the run outside output_dir
+            raise ValueError("'.' and '..' are not run names; give a plain folder name, e.g. 'demo'")
+        return v
 
     @model_validator(mode="after")
     def _ppo_needs_rm(self) -> PipelineConfig:

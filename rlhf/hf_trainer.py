@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 from rlhf.config import PipelineConfig, TrainSection, stage_hash
 from rlhf.models import model_kwargs, torch_dtype
-from rlhf.runs import replace_dir, save_atomically
+from rlhf.runs import file_problem, replace_dir, save_atomically
 from rlhf.tracking import METRICS_FILE, metrics_callback, read_metrics, report_to
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:
 
     Checkpoints written under a different stage hash are removed: resuming them would mix configs.
     metrics.jsonl is cut back to match: rows logged after the checkpoint (or every row, when
-    starting afresh) would otherwise appear twice, or mix two configs' curves. Only the main
-    process touches the files; every process returns the same checkpoint."""
+    starting afresh) would otherwise appear twice, or mix two configs' curves. A checkpoint that a
+    kill left half-written is removed with a warning, so the run falls back to the one before it.
+    Only the main process touches the files; every process returns the same checkpoint."""
     from accelerate import PartialState
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -82,6 +84,10 @@ def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:
                 shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (ckpt_dir / HASH_FILE).write_text(want)
+        for torn in incomplete_checkpoints(ckpt_dir):
+            log.warning("skipping incomplete checkpoint %s (%s; the run was killed while writing it); removed",
+                        torn, checkpoint_problem(torn))
+            shutil.rmtree(torn)
     state.wait_for_everyone()
     last = get_last_checkpoint(str(ckpt_dir))
     if state.is_main_process:
@@ -89,6 +95,38 @@ def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:
     if last:
         log.info("resuming %s from %s", stage, last)
     return last
+
+
+def checkpoint_problem(ckpt: Path) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from, or None when it is complete.
+
+    The Trainer writes a checkpoint in place (weights, optimizer, scheduler, RNG state, then
+    trainer_state.json last) and deletes old ones after the new one, so a kill can leave a folder
+    with some files missing or cut short; every file must read back whole."""
+    ckpt = Path(ckpt)
+    if not any(ckpt.glob("*.safetensors")):
+        return "no weights"
+    if not any(ckpt.glob("rng_state*.pth")):
+        return "no RNG state"
+    for name in ("trainer_state.json", "optimizer.pt", "scheduler.pt"):
+        problem = file_problem(ckpt / name)
+        if problem:
+            return problem
+    for path in sorted(ckpt.iterdir()):
+        problem = file_problem(path) if path.is_file() else None
+        if problem:
+            return problem
+    return None
+
+
+def incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:
+    """checkpoint-N folders under `ckpt_dir` that a kill left incomplete (see checkpoint_problem)."""
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    if not ckpt_dir.is_dir():
+        return []
+    return [d for d in sorted(ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
+            if d.is_dir() and d.name.rsplit("-", 1)[-1].isdigit() and checkpoint_problem(d)]
 
 
 def _trim_metrics(path: Path, step: int) -> None:
@@ -105,7 +143,46 @@ def _trim_metrics(path: Path, step: int) -> None:
 
 
 def callbacks(cfg: PipelineConfig, stage: str) -> list:
-    return [metrics_callback(cfg.stage_dir(stage) / "metrics.jsonl")]
+    return [metrics_callback(cfg.stage_dir(stage) / "metrics.jsonl"), divergence_callback(cfg, stage)]
+
+
+def divergence_callback(cfg: PipelineConfig, stage: str):
+    """A TrainerCallback that stops SFT/RM training on NaN/inf with TrainingDiverged (exit status 3).
+
+    After every optimizer step the trained weights are checked (a NaN loss makes NaN gradients and
+    NaN weights; the Trainer's logged loss hides it, logging_nan_inf_filter), and every log line's
+    loss and grad_norm. The check runs before that step's checkpoint is written, so the last
+    checkpoint on disk is the last good one; the stage is marked failed."""
+    import torch
+    from transformers import TrainerCallback
+
+    from rlhf.ppo.trainer import TrainingDiverged
+
+    section = f"{stage}.learning_rate"
+
+    def diverged(step: int, what: str) -> TrainingDiverged:
+        ckpts = sorted((cfg.stage_dir(stage) / "checkpoints").glob("checkpoint-*"),
+                       key=lambda d: int(d.name.rsplit("-", 1)[-1]) if d.name.rsplit("-", 1)[-1].isdigit() else -1)
+        kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
+        return TrainingDiverged(f"{stage} training diverged at step {step}: {what}; {kept}; "
+                                f"lower {section} (or raise warmup) and rerun")
+
+    class StopOnNonFinite(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if model is None:
+                return
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if p.requires_grad and p.numel() and not torch.isfinite(p).all():
+                        raise diverged(state.global_step, f"weight {name} holds NaN or inf")
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise diverged(state.global_step, f"{key} is {value}")
+
+    return StopOnNonFinite()
 
 
 def save_adapter(trainer, out_dir: Path) -> Path:

@@ -180,6 +180,10 @@ def resolve_model(model_cfg: ModelConfig) -> str:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path: {path} has no config.json; point it at a saved model folder")
+        if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+            # .bin/.pt weights are pickles, which can run code when loaded: rlhf loads safetensors only
+            raise UserError(f"model.name_or_path: {path} has no .safetensors weights (pickled .bin/.pt weights are "
+                            "not loaded); re-save it with save_pretrained(..., safe_serialization=True)")
         return str(path)
     if ref.startswith((".", "/", "~")) or path.exists() or not _HUB_ID.match(ref):
         raise UserError(
@@ -258,13 +262,19 @@ def load_tokenizer(model_cfg: ModelConfig, path: str | None = None, *, need_chat
     else, when a template is needed, a UserError saying how to set one."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(
-        path or resolve_model(model_cfg),
-        # the pinned revision applies to the base model wherever it is loaded from the hub (sft passes
-        # the resolved hub id as `path`); a local folder (e.g. runs/<name>/sft/model) has no revisions
-        revision=None if path is not None and Path(path).is_dir() else model_cfg.revision,
-        trust_remote_code=model_cfg.trust_remote_code,
-    )
+    source = path or resolve_model(model_cfg)
+    try:
+        tok = AutoTokenizer.from_pretrained(
+            source,
+            # the pinned revision applies to the base model wherever it is loaded from the hub (sft passes
+            # the resolved hub id as `path`); a local folder (e.g. runs/<name>/sft/model) has no revisions
+            revision=None if path is not None and Path(path).is_dir() else model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
+    except OSError as e:  # unknown hub id, no network, gated repository, folder without tokenizer files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"model.name_or_path: cannot load the tokenizer of '{source}' ({first}); check the id or "
+                        "folder, the revision, and your network (or HF_HUB_OFFLINE)") from None
     if tok.eos_token is None:
         raise UserError(f"the tokenizer of {model_cfg.name_or_path} has no EOS token; responses could never end")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:

@@ -68,6 +68,56 @@ def save_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
     return out_dir
 
 
+def file_problem(path: Path) -> str | None:
+    """Why a written file is unusable (missing, or cut short by a kill mid-write), or None when it reads
+    back whole. Checks structure only and unpickles nothing: safetensors header and data length, JSON
+    syntax, and the CRC of every member of a torch.save zip (.pt, .pth, .bin)."""
+    import struct
+    import zipfile
+
+    path = Path(path)
+    if not path.is_file():
+        return f"{path.name} is missing"
+    try:
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    return f"{path.name} is truncated"
+                (n,) = struct.unpack("<Q", head)
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if path.stat().st_size < 8 + n + end:
+                return f"{path.name} is truncated"
+        elif path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+            if bad is not None:
+                return f"{path.name} is damaged ({bad})"
+    except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile, EOFError) as e:
+        return f"{path.name} is unreadable ({type(e).__name__})"
+    return None
+
+
+def weights_fingerprint(model_dir: Path) -> str | None:
+    """sha256 over a model folder's *.safetensors files (names and bytes), or None when it has none:
+    the identity of the weights a downstream stage was trained on."""
+    import hashlib
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for file in files:
+        h.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
@@ -119,6 +169,23 @@ def require_upstream(cfg: PipelineConfig, stage: str) -> None:
                 f"the {stage} stage needs a finished {up} stage in {cfg.stage_dir(up)} ({state.status}: {state.reason}); "
                 f"run `{STAGE_COMMAND[up]} --config {cfg.source or 'pipeline.yaml'}` first (or `rlhf run-all`)"
             )
+    if stage == "ppo":
+        check_same_base(cfg)
+
+
+def check_same_base(cfg: PipelineConfig) -> None:
+    """PPO puts the reward adapter on sft/model: refuse an RM whose manifest records other SFT weights
+    (e.g. the SFT stage was forced to rerun and came out different; hashes of configs cannot see that)."""
+    recorded = (read_manifest(cfg.stage_dir("rm")) or {}).get("base_weights")
+    if recorded is None:
+        return  # a run folder from before this check: nothing recorded to compare
+    current = weights_fingerprint(cfg.stage_dir("sft") / "model")
+    if current != recorded:
+        raise UserError(
+            f"{cfg.stage_dir('rm') / MANIFEST}: the reward model was trained on other SFT weights than "
+            f"{cfg.stage_dir('sft') / 'model'} holds now (sha256 {recorded[:12]} vs {str(current)[:12]}); retrain it: "
+            f"`rlhf run-all --from rm --config {cfg.source or 'pipeline.yaml'}`"
+        )
 
 
 def begin_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -131,7 +198,10 @@ def begin_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         probe.unlink()
     except OSError as e:
         raise UserError(f"output_dir: cannot write to {stage_dir} ({e.strerror}); choose a writable output_dir") from None
-    (cfg.run_dir / "pipeline.yaml").write_text(dump_config(cfg), encoding="utf-8")
+    resolved = cfg.run_dir / "pipeline.yaml"
+    tmp = resolved.with_name(f"{resolved.name}.tmp-{os.getpid()}")
+    tmp.write_text(dump_config(cfg), encoding="utf-8")
+    os.replace(tmp, resolved)  # a kill mid-write leaves the previous file, never half of one
     manifest = {
         "stage": stage,
         "status": "running",
@@ -140,6 +210,8 @@ def begin_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         "config": _stage_config(cfg, stage),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if stage in ("rm", "ppo"):  # both train on sft/model; PPO checks the RM saw the same weights
+        manifest["base_weights"] = weights_fingerprint(cfg.stage_dir("sft") / "model")
     write_json_atomically(stage_dir / MANIFEST, manifest)
     return manifest
 

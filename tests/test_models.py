@@ -40,6 +40,7 @@ def fresh_cache(tmp_path, monkeypatch) -> Path:
 def test_local_folder_resolves_to_itself(tmp_path):
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "model.safetensors").write_bytes(b"")  # only safetensors folders are accepted
     assert M.resolve_model(ModelConfig(name_or_path=str(tmp_path / "m"))) == str(tmp_path / "m")
 
 
