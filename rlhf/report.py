@@ -124,7 +124,8 @@ def plot_ppo_reward(rows: list[dict[str, Any]], path: Path) -> bool:
     window = rolling_window(len(scores))
     fig, ax = _axes(f"PPO: reward-model score per step ({len(steps)} steps)", "PPO step",
                     "RM score (mean over the batch)")
-    ax.plot(steps, scores, marker=_marker(len(steps)), ms=3, lw=0.8, alpha=0.45, color="tab:blue",
+    # the raw curve is faint only when a rolling mean is drawn over it
+    ax.plot(steps, scores, marker=_marker(len(steps)), ms=3, lw=0.8, alpha=0.45 if window > 1 else 1.0, color="tab:blue",
             label="RM score per step")
     if window > 1:
         ax.plot(steps, rolling_mean(scores, window), lw=2.2, color="tab:blue", label=f"rolling mean ({window} steps)")
@@ -189,9 +190,9 @@ def plot_rm_accuracy(rows: list[dict[str, Any]], path: Path, final: dict[str, An
         return False
     fig, ax = _axes("Reward model: pair accuracy", "RM training step", "share of pairs ranked correctly")
     if t_steps:
-        ax.plot(t_steps, train, marker=_marker(len(t_steps)), ms=3, lw=0.8, alpha=0.45, color="tab:purple",
-                label="training batch")
         window = rolling_window(len(train))
+        ax.plot(t_steps, train, marker=_marker(len(t_steps)), ms=3, lw=0.8, alpha=0.45 if window > 1 else 1.0,
+                color="tab:purple", label="training batch")
         if window > 1:
             ax.plot(t_steps, rolling_mean(train, window), lw=2, color="tab:purple",
                     label=f"training, rolling mean ({window} steps)")
