@@ -92,7 +92,7 @@ class TrackingConfig(Section):
     )
     mode: Literal["auto", "online", "offline", "disabled"] = _field(
         "auto",
-        description="W&B mode: auto = online when credentials are present, offline otherwise.",
+        description="W&B mode: auto = WANDB_MODE if set, else online with credentials and offline without; disabled = off.",
         affects_output=False,
     )
     project: str = _field("rlhf", description="W&B project name.", affects_output=False)
