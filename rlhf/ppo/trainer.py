@@ -644,8 +644,9 @@ def _save_all_processes(ckpt_root: Path, step: int, roles: Roles, optimizer, sch
     digests = gather_object([weights_digest(roles)])
     if len(set(digests)) != 1:  # a bug in the gradient averaging; the checkpoint would hold rank 0's alone
         raise RuntimeError(f"PPO processes hold different weights after step {step}: {digests}")
-    log.info("step %d: trained weights identical on all %d processes (sha256 %s)", step, state.num_processes,
-             digests[0][:12])
+    if state.is_main_process:
+        log.info("step %d: trained weights identical on all %d processes (sha256 %s)", step, state.num_processes,
+                 digests[0][:12])
     if state.is_main_process:
         save_checkpoint(ckpt_root, step, roles, optimizer, scheduler, kl_ctl, generator, config_hash, metrics,
                         rank_rng=rng[1:])
