@@ -302,15 +302,28 @@ def load_checkpoint(ckpt: Path, roles: Roles, optimizer, scheduler, kl_ctl, gene
 
 
 def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
-    """The newest checkpoint of this config that still has its optimizer state, or None."""
+    """The newest checkpoint of this config that still has its optimizer state, or None.
+
+    Checkpoints are written to step-N.tmp-* and renamed, so a kill mid-write leaves a temp folder
+    (skipped with a warning) and the previous checkpoint; a renamed checkpoint whose files do not
+    read back whole (damaged on disk) is skipped with a warning too."""
+    from rlhf.runs import file_problem
+
+    for torn in sorted(Path(ckpt_root).glob("step-*.tmp-*")) if Path(ckpt_root).is_dir() else []:
+        log.warning("skipping incomplete checkpoint %s (the run was killed while writing it)", torn)
     for d in reversed(checkpoint_dirs(ckpt_root)):
         try:
             state = json.loads((d / "state.json").read_text())
         except (json.JSONDecodeError, OSError):
             log.warning("skipping unreadable checkpoint %s", d)
             continue
-        if state.get("config_hash") == config_hash and (d / "optimizer.pt").is_file():
-            return d
+        if state.get("config_hash") != config_hash or not (d / "optimizer.pt").is_file():
+            continue
+        problem = file_problem(d / "trainable.safetensors") or file_problem(d / "optimizer.pt")
+        if problem:
+            log.warning("skipping damaged checkpoint %s (%s)", d, problem)
+            continue
+        return d
     return None
 
 
