@@ -103,6 +103,11 @@ def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> 
     local_model = Path(cfg.model.name_or_path).expanduser()
     if any(conversational) and not cfg.model.name_or_path.startswith(EMBEDDED_PREFIX) and local_model.is_dir():
         load_tokenizer(cfg.model, str(local_model), need_chat_template=True)  # raises if it has no template
+    if cfg.eval.judge:
+        from rlhf.evaluate import load_judge
+
+        load_judge(cfg.eval.judge)  # a judge that cannot be imported fails now, not after the training
+        echo(f"eval.judge: {cfg.eval.judge} imports")
     check_writable(cfg)
     if warning:
         echo(f"warning: {warning}")

@@ -305,3 +305,11 @@ def test_generate_prints_the_models_response(tiny_ppo_run):
         assert result.stdout == expected + "\n" and expected.strip()
     sampled = [generate_text(cfg, "ppo", "hi", max_new_tokens=6, temperature=1.0, seed=s) for s in (3, 3)]
     assert sampled[0] == sampled[1]
+
+
+def test_validate_imports_the_judge(tmp_path):
+    ok = write_config(tmp_path, {"eval": {"judge": "tests.test_evaluate:length_judge"}})
+    result = CliRunner().invoke(app, ["validate", "--config", str(ok)])
+    assert result.exit_code == 0 and "eval.judge: tests.test_evaluate:length_judge imports" in result.stdout
+    result = CliRunner().invoke(app, ["validate", "--config", str(ok), "--set", "eval.judge=tests.nope:f"])
+    assert result.exit_code == 2 and "error: eval.judge 'tests.nope:f': cannot import module 'tests.nope'" in result.stderr
