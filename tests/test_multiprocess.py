@@ -199,7 +199,7 @@ def test_run_all_with_two_processes(tmp_path):
     config = write_config(tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # 2 processes on 2 cores
     proc = subprocess.run([sys.executable, "-m", "rlhf.cli", "run-all", "--config", str(config),
-                           "--set", "launcher.num_processes=2"],
+                           "--set", "launcher.num_processes=2", "--set", "eval.enabled=false"],  # the three stages only
                           capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     assert proc.stderr.count("accelerate.commands.launch") == 3
