@@ -266,7 +266,7 @@ def test_tokenizer_of_a_local_stage_folder_takes_no_revision(tiny_dir, monkeypat
 # ---------------------------------------------------------------------------- kwargs and LoRA
 
 
-def test_model_kwargs():
+def test_model_kwargs(monkeypatch):
     import torch
 
     kw = M.model_kwargs(ModelConfig(dtype="float32", attn_implementation="eager", revision="v1"))
@@ -274,7 +274,10 @@ def test_model_kwargs():
                   "attn_implementation": "eager"}
     assert M.torch_dtype(ModelConfig(dtype="bfloat16")) == torch.bfloat16
     if not torch.cuda.is_available():
+        monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: False)
         assert M.torch_dtype(ModelConfig(dtype="auto")) == torch.float32
+        monkeypatch.setattr(M, "cpu_has_native_bf16", lambda: True)
+        assert M.torch_dtype(ModelConfig(dtype="auto")) == torch.bfloat16
     with pytest.warns(UserWarning, match="trust_remote_code is true"):
         assert M.model_kwargs(ModelConfig(trust_remote_code=True))["trust_remote_code"] is True
 

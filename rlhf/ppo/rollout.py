@@ -120,7 +120,7 @@ def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: tor
     values = None
     if need_values:
         hidden = out.hidden_states[-1][:, -R - 1:-1]
-        values = roles.value_head(hidden).squeeze(-1).float()
+        values = roles.value_head(hidden.float()).squeeze(-1)
     return logprobs, logits, values
 
 
