@@ -64,7 +64,7 @@ class ModelConfig(Section):
     revision: str | None = _field(None, description="Hub revision (branch, tag or commit) to pin.")
     trust_remote_code: bool = _field(False, description="Run model code from the hub repository (a security risk).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = _field(
-        "auto", description="Weight dtype: auto = bfloat16 on GPUs that support it, float32 otherwise."
+        "auto", description="Base weight dtype (LoRA weights and heads stay float32): auto = bfloat16 where the GPU or CPU multiplies bfloat16 natively, float32 otherwise."
     )
     chat_template: str | None = _field(
         None,
