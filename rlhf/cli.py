@@ -37,6 +37,14 @@ def setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _end_progress_line() -> None:
+    """A progress bar that an error interrupted leaves the cursor at the end of its line: start the
+    `error:` lines on a line of their own."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and len(getattr(tqdm.tqdm, "_instances", ())):
+        sys.stderr.write("\n")
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Print a UserError as 'error: ...' lines and exit 2 (shared by the CLI and stages/ scripts)."""
 
@@ -45,6 +53,7 @@ def friendly_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except UserError as e:
+            _end_progress_line()
             # One write: the processes of a multi-process stage share one pipe, and separate writes of
             # text and newline would interleave their lines.
             sys.stderr.write("".join(f"error: {line}\n" for line in str(e).splitlines()))
@@ -53,6 +62,7 @@ def friendly_errors(fn: Callable) -> Callable:
         except OSError as e:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
+            _end_progress_line()
             # A full disk is the user's to fix, not a bug; every write is atomic, so nothing half-written
             # is marked done and the rerun resumes from the last complete checkpoint.
             where = f" while writing {e.filename}" if e.filename else ""

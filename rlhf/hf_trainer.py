@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +164,6 @@ def divergence_callback(cfg: PipelineConfig, stage: str):
         ckpts = sorted((cfg.stage_dir(stage) / "checkpoints").glob("checkpoint-*"),
                        key=lambda d: int(d.name.rsplit("-", 1)[-1]) if d.name.rsplit("-", 1)[-1].isdigit() else -1)
         kept = f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written yet"
-        print(file=sys.stderr)  # the progress bar's line is still open: the error starts on its own line
         return TrainingDiverged(f"{stage} training diverged at step {step}: {what}; {kept}; "
                                 f"lower {section} (or raise warmup) and rerun")
 
