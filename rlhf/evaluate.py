@@ -601,9 +601,11 @@ def run(cfg: PipelineConfig) -> Path:
         conversational = data.conversational
         prompts_ds, prompt_split = _held_out(data, "ppo.data", "ppo.data")
     env = load_env(cfg, tokenizer, conversational)
+    seconds = {"load": time.perf_counter() - t0}  # where the time goes, per phase
 
     report: dict[str, Any] = {"inputs": eval_inputs(cfg)}
     report["rm"] = evaluate_rm(env, pairs, pair_split)
+    seconds["rm"] = time.perf_counter() - t0 - sum(seconds.values())
     plot_calibration(report["rm"]["calibration"], report["rm"], out_dir / CALIBRATION_PNG)
     log.info("RM: accuracy %.3f on %d %s pairs, margin %.3f", report["rm"]["accuracy"], report["rm"]["n_pairs"],
              pair_split, report["rm"]["margin_mean"])
@@ -615,10 +617,12 @@ def run(cfg: PipelineConfig) -> Path:
         load_policy_adapter(env, cfg.stage_dir("ppo") / "adapter")
         report["policy"], report["judge"], rows = compare_policy(env, tokenized, raw, judge, cfg.eval.judge)
         report["policy"]["split"] = prompt_split
+        seconds["policy"] = time.perf_counter() - t0 - sum(seconds.values())
         k = min(cfg.eval.overopt_prompts, len(tokenized))
         if k:
             report["overoptimisation"] = overoptimisation(env, tokenized[:k], raw[:k], judge, cfg.eval.judge)
             plot_overoptimisation(report["overoptimisation"], out_dir / OVEROPT_PNG, cfg.eval.judge)
+            seconds["overoptimisation"] = time.perf_counter() - t0 - sum(seconds.values())
     report["settings"] = {
         "max_prompts": cfg.eval.max_prompts, "overopt_prompts": cfg.eval.overopt_prompts,
         "response_length": env.response_length, "temperature": env.temperature, "seed": env.seed,
@@ -626,6 +630,7 @@ def run(cfg: PipelineConfig) -> Path:
         "ppo_steps": cfg.ppo.steps if cfg.ppo else None, "scores": "raw RM scores (no centring, no missing-EOS rule)",
         "kl": "k1, summed over response tokens, at the sampling temperature, on the PPO samples",
         "ties_count_as": 0.5, "time_s": round(time.perf_counter() - t0, 2),
+        "phase_s": {k: round(v, 2) for k, v in seconds.items()},
     }
     _write_jsonl_atomically(out_dir / SAMPLES_FILE, rows)
     write_json_atomically(out_dir / EVAL_FILE, report)
