@@ -52,6 +52,8 @@ def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_e
         report_to=report_to(cfg, stage),
         seed=cfg.seed,
         bf16=bf16,
+        # The Trainer accepts bf16 without a GPU only when told it is on the CPU on purpose.
+        use_cpu=bf16 and not torch.cuda.is_available(),
         activation_checkpointing=cfg.model.gradient_checkpointing,
         dataloader_pin_memory=torch.cuda.is_available(),
         model_init_kwargs=None,

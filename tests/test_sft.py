@@ -183,6 +183,17 @@ def test_sft_resumes_after_interruption_and_restarts_on_config_change(tmp_path, 
     assert rows[0]["learning_rate"] == 0.0 and max(r.get("learning_rate", 0) for r in rows) == pytest.approx(5e-4)
 
 
+def test_sft_with_a_bfloat16_base_trains_on_cpu(tmp_path):
+    """model.dtype bfloat16 (what auto picks on CPUs with native bf16): the Trainer runs (it refuses
+    bf16 without a GPU unless told it is on the CPU), the LoRA weights stay float32 and train."""
+    config = write_config(tmp_path, {"model": {"dtype": "bfloat16"}, "sft": {"max_steps": 2, "save_steps": 2}})
+    result = sft_cli(config)
+    assert result.exit_code == 0, result.output
+    lora = lora_tensors(stage_dir(config) / "adapter")
+    b = [t for k, t in lora.items() if "lora_B" in k]
+    assert b and all(t.dtype == torch.float32 for t in b) and any(t.abs().sum() > 0 for t in b)
+
+
 # ---------------------------------------------------------------------------- user errors
 
 
