@@ -281,28 +281,12 @@ def load_policy_checkpoint(env: Env, ckpt: Path) -> None:
 
 @torch.no_grad()
 def sample(env: Env, adapter: str | None, query_ids: torch.Tensor, query_mask: torch.Tensor) -> torch.Tensor:
-    """(B, R) sampled response tokens: rlhf.ppo.rollout.generate for the policy; for the SFT model
-    (adapter None) the same sampling settings with the adapters off."""
-    from transformers import GenerationConfig
-
-    from rlhf.ppo.roles import use_adapter
+    """(B, R) sampled response tokens of the PPO policy (adapter "policy") or the SFT model (None),
+    with PPO's sampling settings (rlhf.ppo.rollout.generate)."""
     from rlhf.ppo.rollout import generate
 
-    if adapter == "policy":
-        return generate(env.roles, query_ids, query_mask, env.response_length, env.temperature, env.stop_id, env.pad_id)
-    # The settings of rollout.generate (PPO.md item 4); a test checks that both give identical tokens
-    # when the policy adapter equals the reference.
-    config = GenerationConfig(
-        do_sample=True, temperature=env.temperature, top_k=0, top_p=1.0, max_new_tokens=env.response_length,
-        min_new_tokens=0, eos_token_id=env.stop_id, pad_token_id=env.pad_id, use_cache=True, repetition_penalty=1.0,
-    )
-    with use_adapter(env.roles.model, None):
-        out = env.roles.model.generate(input_ids=query_ids, attention_mask=query_mask.long(), generation_config=config)
-    response = out[:, query_ids.shape[1]:]
-    if response.shape[1] < env.response_length:
-        fill = response.new_full((response.shape[0], env.response_length - response.shape[1]), env.pad_id)
-        response = torch.cat([response, fill], dim=1)
-    return response
+    return generate(env.roles, query_ids, query_mask, env.response_length, env.temperature, env.stop_id, env.pad_id,
+                    adapter=adapter)
 
 
 @dataclass

@@ -229,6 +229,43 @@ def test_forward_logprobs_match_generation(roles_env):
     assert torch.allclose(ours, expected, atol=1e-4)
 
 
+def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm_run):
+    """Generation folds the policy LoRA into scratch weights (merged_adapter): with a trained-looking
+    policy, the sampler's log-probs equal the unfolded forward pass's within 1e-4 (and differ from
+    the reference's), and afterwards the base holds its own weight tensors, unchanged."""
+    from transformers import GenerationConfig
+
+    from rlhf.ppo.roles import merged_adapter
+
+    cfg, tok, roles = make_roles(tiny_rm_run)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in roles.model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    base = {n: (p, p.detach().clone()) for n, p in roles.model.named_parameters() if "lora_" not in n}
+    texts, prompts = tokenized_prompts(cfg, tok)
+    q, qm = left_pad(prompts[:3], tok.pad_token_id)
+    T, R = 0.7, 10
+    gen = GenerationConfig(do_sample=True, temperature=T, top_k=0, top_p=1.0, max_new_tokens=R, min_new_tokens=R,
+                           pad_token_id=tok.pad_token_id, eos_token_id=None, output_logits=True,
+                           return_dict_in_generate=True)
+    torch.manual_seed(0)
+    with torch.no_grad(), merged_adapter(roles.model, "policy"):
+        out = roles.model.generate(input_ids=q, attention_mask=qm.long(), generation_config=gen)
+    response = out.sequences[:, q.shape[1]:]
+    sampled = logprobs_from_logits(torch.stack(out.logits, dim=1), response, T)
+    mask = torch.cat([qm, torch.ones_like(response, dtype=torch.bool)], 1).long()
+    with torch.no_grad():
+        policy, _, _ = response_logprobs(roles, torch.cat([q, response], 1), mask, response, T, "policy")
+        reference, _, _ = response_logprobs(roles, torch.cat([q, response], 1), mask, response, T, None)
+    assert torch.allclose(policy, sampled, atol=1e-4)
+    assert (policy - reference).abs().max() > 1e-2
+    current = dict(roles.model.named_parameters())
+    for name, (param, value) in base.items():
+        assert current[name] is param and torch.equal(param, value)
+
+
 def test_rollout_masks_scores_and_padding(roles_env):
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=4, response_length=12)
@@ -326,8 +363,11 @@ def test_resume_gives_identical_weights(tiny_rm_run, tmp_path):
     _loop(cfg, tok, roles, tmp_path / "b", stop_after=2)
     torch.manual_seed(999)  # disturb every RNG: resume must restore them
     cfg, tok, roles = make_roles(tiny_rm_run, seed=77)  # different fresh init: the checkpoint must overwrite it
-    _loop(cfg, tok, roles, tmp_path / "b")
+    last = _loop(cfg, tok, roles, tmp_path / "b")
     resumed = trainable_state(roles)
+    # Resumed at the last step (a kill during the final export): no step runs, the final metrics
+    # are the checkpoint's.
+    assert _loop(cfg, tok, roles, tmp_path / "b") == last and last
     assert max((unbroken[k] - resumed[k]).abs().max().item() for k in unbroken) <= 1e-6
     assert [d.name for d in checkpoint_dirs(tmp_path / "b")] == ["step-2", "step-4"]
     assert not (tmp_path / "b" / "step-2" / "optimizer.pt").exists()  # only the latest keeps optimizer state

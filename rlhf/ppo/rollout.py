@@ -14,7 +14,7 @@ import torch
 
 from rlhf.ppo.advantages import last_valid_index
 from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
-from rlhf.ppo.roles import Roles, head_forward, position_ids, use_adapter
+from rlhf.ppo.roles import Roles, head_forward, merged_adapter, position_ids, use_adapter
 
 
 # A scorer used instead of the reward model: (query_ids (B, P), response_ids (B, R),
@@ -84,17 +84,18 @@ def truncate_at_stop(tokens: torch.Tensor, stop_id: int | None, pad_id: int) -> 
 
 @torch.no_grad()
 def generate(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, response_length: int, temperature: float,
-             stop_id: int | None, pad_id: int) -> torch.Tensor:
-    """Sample (B, R) response tokens with the policy adapter: temperature T, top_k 0, top_p 1
-    (PPO.md item 4), KV cache on, no repetition penalty. `generate` gets the attention mask only
-    and derives positions itself. Responses that stop early are right-padded to exactly R."""
+             stop_id: int | None, pad_id: int, adapter: str | None = "policy") -> torch.Tensor:
+    """Sample (B, R) response tokens with `adapter` (folded into scratch weights, see
+    roles.merged_adapter; None = the reference): temperature T, top_k 0, top_p 1 (PPO.md item 4),
+    KV cache on, no repetition penalty. `generate` gets the attention mask only and derives
+    positions itself. Responses that stop early are right-padded to exactly R."""
     from transformers import GenerationConfig
 
     config = GenerationConfig(
         do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=response_length, min_new_tokens=0,
         eos_token_id=stop_id, pad_token_id=pad_id, use_cache=True, repetition_penalty=1.0,
     )
-    with use_adapter(roles.model, "policy"):
+    with use_adapter(roles.model, None) if adapter is None else merged_adapter(roles.model, adapter):
         out = roles.model.generate(input_ids=query_ids, attention_mask=query_mask.long(), generation_config=config)
     response = out[:, query_ids.shape[1]:]
     if response.shape[1] < response_length:

@@ -587,7 +587,9 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
         stop_id = tokenizer.eos_token_id if ppo.stop_token == "eos" else tokenizer.convert_tokens_to_ids(ppo.stop_token)
     pad_id = tokenizer.pad_token_id
     end = ppo.steps if stop_after is None else min(ppo.steps, stop_after)
-    metrics: dict[str, float] = {}
+    # A run resumed at its last step (killed during the final export) trains no step: its final
+    # metrics are the ones its checkpoint recorded.
+    metrics: dict[str, float] = json.loads((ckpt / "state.json").read_text())["metrics"] if ckpt is not None else {}
     bar = tqdm(range(start, end), initial=start, total=ppo.steps, desc="PPO", unit="step", dynamic_ncols=True,
                disable=not state.is_main_process)
     try:
