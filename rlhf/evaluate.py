@@ -34,8 +34,6 @@ import json
 import logging
 import math
 import numbers
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 
 from rlhf.config import PipelineConfig, stage_hash
 from rlhf.errors import UserError
+from rlhf.runs import save_figure, write_json_atomically, write_jsonl_atomically
 
 log = logging.getLogger(__name__)
 
@@ -357,18 +356,6 @@ def score_pairs(env: Env, pairs) -> tuple[list[float], list[float]]:
 # ---------------------------------------------------------------------------- plots
 
 
-def _save_figure(fig, path: Path) -> None:
-    """savefig through a temp file and a rename (a reader never sees half a PNG)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def plot_calibration(bins: list[dict[str, float]], rm: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -387,7 +374,7 @@ def plot_calibration(bins: list[dict[str, float]], rm: dict[str, Any], path: Pat
     ax.set_ylabel("share of pairs ranked correctly")
     ax.set_title(f"RM calibration: accuracy {rm['accuracy']:.2f} on {rm['n_pairs']} {rm['split']} pairs", fontsize=10)
     ax.legend(fontsize=8, loc="lower right")
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -410,7 +397,7 @@ def plot_overoptimisation(points: list[dict[str, Any]], path: Path, judge: str |
         ax.grid(alpha=0.3)
     n = points[0]["n_prompts"] if points else 0
     fig.suptitle(f"Reward vs KL along PPO ({n} held-out prompts per point)", fontsize=10)
-    _save_figure(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -460,18 +447,6 @@ def _readable_prompt(prompt: Any) -> str:
     if len(prompt) == 1:
         return prompt[0]["content"]
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
-
-
-def _write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _held_out(data, what: str, key: str):
@@ -566,7 +541,6 @@ def run(cfg: PipelineConfig) -> Path:
     """Evaluate the finished stages of `cfg`; writes runs/<name>/eval/ and returns that folder."""
     from rlhf.data import needs_chat_template, ppo_data, render, rm_data
     from rlhf.models import load_tokenizer
-    from rlhf.runs import write_json_atomically
 
     if cfg.rm is None:
         raise UserError(f"{cfg.source}: rlhf eval needs an rm section (the reward model scores everything)")
@@ -616,7 +590,7 @@ def run(cfg: PipelineConfig) -> Path:
         "ties_count_as": 0.5, "time_s": round(time.perf_counter() - t0, 2),
         "phase_s": {k: round(v, 2) for k, v in seconds.items()},
     }
-    _write_jsonl_atomically(out_dir / SAMPLES_FILE, rows)
+    write_jsonl_atomically(out_dir / SAMPLES_FILE, rows)
     write_json_atomically(out_dir / EVAL_FILE, report)
     _track(cfg, report, rows)
     return out_dir

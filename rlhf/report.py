@@ -20,13 +20,12 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlhf.config import PipelineConfig
+from rlhf.runs import save_figure, write_file_atomically
 from rlhf.tracking import METRICS_FILE, read_metrics
 
 REPORT_DIR = "eval"
@@ -88,17 +87,8 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    """savefig through a temp file and a rename (a reader never sees half a PNG)."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for sharing
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        _pyplot().close(fig)
+    save_figure(fig, path)
+    _pyplot().close(fig)
 
 
 def _axes(title: str, xlabel: str, ylabel: str):
@@ -360,7 +350,5 @@ def write_report(cfg: PipelineConfig, echo: Callable[[str], None] = print) -> Pa
         + samples_section(cfg, out_dir) + "</body></html>"
     )
     target = out_dir / REPORT_FILE
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, target)
+    write_file_atomically(target, lambda f: f.write(page))
     return target

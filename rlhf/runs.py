@@ -24,22 +24,50 @@ MANIFEST = "manifest.json"
 STAGE_COMMAND = {"sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
 
 
-def write_json_atomically(path: Path, data: Any) -> None:
-    """Write JSON through a temp file + fsync + rename: readers see the old file or the new one."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file_atomically(path: Path, write: Callable[[Any], None], mode: str = "w", suffix: str = "") -> None:
+    """Call `write(f)` on a temp file next to `path`, fsync, rename: readers see the old file or the
+    whole new one. The file gets the usual permissions (0666 minus the umask; mkstemp alone would
+    make it private to its owner). `suffix`: for writers that look at the extension (savefig)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True, default=str)
-            f.write("\n")
+        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """JSON through write_file_atomically."""
+
+    def write(f) -> None:
+        json.dump(data, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+
+    write_file_atomically(path, write)
+
+
+def write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object per line through write_file_atomically."""
+    write_file_atomically(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def save_figure(fig, path: Path) -> None:
+    """A matplotlib figure as a PNG through write_file_atomically (a reader never sees half a PNG)."""
+    write_file_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), mode="wb")
 
 
 def replace_dir(tmp: Path, out_dir: Path) -> Path:
@@ -61,6 +89,7 @@ def save_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private to its owner
         write(tmp)
         replace_dir(tmp, out_dir)
     finally:

@@ -6,6 +6,7 @@ consistency, staleness in run-all, and missing-stage errors."""
 from __future__ import annotations
 
 import json
+import os
 import math
 import shutil
 from pathlib import Path
@@ -218,6 +219,10 @@ def test_eval_outputs_exist_and_agree(tiny_eval_run):
     out = cfg.stage_dir("eval")
     report = json.loads((out / "eval.json").read_text())
     rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("rm_calibration.png", "overoptimisation.png", "eval.json", "samples.jsonl"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask  # shareable, not mkstemp's 0600
     for png in ("rm_calibration.png", "overoptimisation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # RM: every held-out pair, the same accuracy and margin as the RM stage's own evaluation of rm/model
