@@ -206,11 +206,11 @@ def test_bfloat16_base_keeps_trained_and_compared_tensors_float32(tiny_rm_run):
     assert any(not torch.equal(b, p) for b, p in zip(before, roles.policy_parameters()))
 
 
-def test_forward_logprobs_match_generation(roles_env):
-    """Logprobs recomputed by a padded forward pass match the sampler's own (logits / T) within 1e-4."""
+def sampled_and_forward_logprobs(cfg, tok, roles, sampling_context):
+    """Sample 10 tokens for 3 prompts inside `sampling_context` and return (the sampler's own log-probs
+    (logits / T), the policy's and the reference's log-probs from a padded forward pass), each (3, 10)."""
     from transformers import GenerationConfig
 
-    cfg, tok, roles = roles_env
     texts, prompts = tokenized_prompts(cfg, tok)
     q, qm = left_pad(prompts[:3], tok.pad_token_id)
     T, R = 0.7, 10
@@ -218,23 +218,28 @@ def test_forward_logprobs_match_generation(roles_env):
                            pad_token_id=tok.pad_token_id, eos_token_id=None, output_logits=True,
                            return_dict_in_generate=True)
     torch.manual_seed(0)
-    with torch.no_grad(), use_adapter(roles.model, "policy"):
+    with torch.no_grad(), sampling_context:
         out = roles.model.generate(input_ids=q, attention_mask=qm.long(), generation_config=gen)
     response = out.sequences[:, q.shape[1]:]
-    gen_logits = torch.stack(out.logits, dim=1)  # raw logits of each sampled step
-    expected = logprobs_from_logits(gen_logits, response, T)
+    sampled = logprobs_from_logits(torch.stack(out.logits, dim=1), response, T)  # raw logits of each sampled step
     mask = torch.cat([qm, torch.ones_like(response, dtype=torch.bool)], 1).long()
     with torch.no_grad():
-        ours, _, _ = response_logprobs(roles, torch.cat([q, response], 1), mask, response, T, "policy")
-    assert torch.allclose(ours, expected, atol=1e-4)
+        policy, _, _ = response_logprobs(roles, torch.cat([q, response], 1), mask, response, T, "policy")
+        reference, _, _ = response_logprobs(roles, torch.cat([q, response], 1), mask, response, T, None)
+    return sampled, policy, reference
+
+
+def test_forward_logprobs_match_generation(roles_env):
+    """Logprobs recomputed by a padded forward pass match the sampler's own (logits / T) within 1e-4."""
+    cfg, tok, roles = roles_env
+    sampled, policy, _ = sampled_and_forward_logprobs(cfg, tok, roles, use_adapter(roles.model, "policy"))
+    assert torch.allclose(policy, sampled, atol=1e-4)
 
 
 def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm_run):
     """Generation folds the policy LoRA into scratch weights (merged_adapter): with a trained-looking
     policy, the sampler's log-probs equal the unfolded forward pass's within 1e-4 (and differ from
     the reference's), and afterwards the base holds its own weight tensors, unchanged."""
-    from transformers import GenerationConfig
-
     from rlhf.ppo.roles import merged_adapter
 
     cfg, tok, roles = make_roles(tiny_rm_run)
@@ -244,21 +249,7 @@ def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm
             if ".policy." in name and "lora_B" in name:
                 p.normal_(0.0, 0.5)
     base = {n: (p, p.detach().clone()) for n, p in roles.model.named_parameters() if "lora_" not in n}
-    texts, prompts = tokenized_prompts(cfg, tok)
-    q, qm = left_pad(prompts[:3], tok.pad_token_id)
-    T, R = 0.7, 10
-    gen = GenerationConfig(do_sample=True, temperature=T, top_k=0, top_p=1.0, max_new_tokens=R, min_new_tokens=R,
-                           pad_token_id=tok.pad_token_id, eos_token_id=None, output_logits=True,
-                           return_dict_in_generate=True)
-    torch.manual_seed(0)
-    with torch.no_grad(), merged_adapter(roles.model, "policy"):
-        out = roles.model.generate(input_ids=q, attention_mask=qm.long(), generation_config=gen)
-    response = out.sequences[:, q.shape[1]:]
-    sampled = logprobs_from_logits(torch.stack(out.logits, dim=1), response, T)
-    mask = torch.cat([qm, torch.ones_like(response, dtype=torch.bool)], 1).long()
-    with torch.no_grad():
-        policy, _, _ = response_logprobs(roles, torch.cat([q, response], 1), mask, response, T, "policy")
-        reference, _, _ = response_logprobs(roles, torch.cat([q, response], 1), mask, response, T, None)
+    sampled, policy, reference = sampled_and_forward_logprobs(cfg, tok, roles, merged_adapter(roles.model, "policy"))
     assert torch.allclose(policy, sampled, atol=1e-4)
     assert (policy - reference).abs().max() > 1e-2
     current = dict(roles.model.named_parameters())
