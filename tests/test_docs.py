@@ -22,6 +22,7 @@ def test_readme_opens_with_the_two_setup_commands():
 
 def test_commands_named_in_readme_exist():
     result = CliRunner().invoke(app, ["--help"])
-    for command in ("validate", "run-all", "sft", "rm", "ppo", "score", "config-reference"):
+    for command in ("validate", "run-all", "sft", "rm", "ppo", "score", "config-reference", "status", "report", "eval",
+                    "generate"):
         assert f"rlhf {command}" in README
         assert command in result.output
