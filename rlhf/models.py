@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from rlhf.errors import UserError
-from rlhf.runs import save_atomically
+from rlhf.runs import current_umask, save_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +80,7 @@ def _build_atomically(target: Path, build) -> Path:
             return target
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         try:
+            os.chmod(tmp, 0o777 & ~current_umask())  # a shared cache: mkdtemp would make it owner-only
             build(tmp)
             if target.exists():
                 shutil.rmtree(target)

@@ -53,13 +53,10 @@ def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: 
             echo(f"{stage}: up to date, skipped ({cfg.stage_dir(stage)})")
     for stage, reason in todo:
         echo(f"{stage}: running ({reason})")
-        cmd = [sys.executable, "-m", "rlhf.cli", stage, "--config", config_path]
-        for item in overrides:
-            cmd += ["--set", item]
-        result = subprocess.run(cmd)
-        if result.returncode != 0:
-            raise UserError(f"the {stage} stage failed (exit status {result.returncode}); earlier stages are kept. "
-                            f"Fix the cause and rerun: it resumes from the last checkpoint")
+        status = _run_command(stage, config_path, overrides)
+        if status != 0:
+            raise StageFailed(f"the {stage} stage failed (exit status {status}); earlier stages are kept. "
+                              f"Fix the cause and rerun: it resumes from the last checkpoint", status)
         echo(f"{stage}: done")
     if only is None and cfg.eval.enabled and cfg.rm is not None:
         _run_eval(cfg, config_path, overrides, rerun=force or bool(todo), echo=echo)
@@ -75,11 +72,25 @@ def _run_eval(cfg: PipelineConfig, config_path: str, overrides: list[str], rerun
         echo(f"eval: up to date, skipped ({cfg.stage_dir('eval')})")
         return
     echo(f"eval: running ({'a stage ran' if rerun else reason})")
-    cmd = [sys.executable, "-m", "rlhf.cli", "eval", "--config", config_path]
+    status = _run_command("eval", config_path, overrides)
+    if status != 0:
+        raise StageFailed(f"the evaluation failed (exit status {status}); the trained stages are kept. "
+                          f"Fix the cause and run `rlhf eval --config {config_path}`", status)
+    echo("eval: done")
+
+
+class StageFailed(UserError):
+    """A stage's process failed. run-all exits with that process's status, so a script can tell a
+    user mistake (2) from a diverged run (3) or a crash (1, also for a process killed by a signal)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.exit_code = status if status > 0 else 1
+
+
+def _run_command(command: str, config_path: str, overrides: list[str]) -> int:
+    """`rlhf COMMAND --config F --set ...` in a fresh process; returns its exit status."""
+    cmd = [sys.executable, "-m", "rlhf.cli", command, "--config", config_path]
     for item in overrides:
         cmd += ["--set", item]
-    result = subprocess.run(cmd)
-    if result.returncode != 0:
-        raise UserError(f"the evaluation failed (exit status {result.returncode}); the trained stages are kept. "
-                        f"Fix the cause and run `rlhf eval --config {config_path}`")
-    echo("eval: done")
+    return subprocess.run(cmd).returncode

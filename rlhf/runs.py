@@ -24,7 +24,8 @@ MANIFEST = "manifest.json"
 STAGE_COMMAND = {"sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process umask (reading it means setting it; it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -42,7 +43,7 @@ def write_file_atomically(path: Path, write: Callable[[Any], None], mode: str = 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -89,7 +90,7 @@ def save_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
     try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private to its owner
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private to its owner
         write(tmp)
         replace_dir(tmp, out_dir)
     finally:

@@ -150,3 +150,17 @@ def test_missing_accelerate_config_file(tmp_path):
     config = write_config(tmp_path, {"launcher": {"accelerate_config": str(tmp_path / "zero9.yaml")}})
     with pytest.raises(UserError, match="launcher.accelerate_config: .* does not exist"):
         accelerate_command("sft", load_config(config), str(config), [])
+
+
+@pytest.mark.parametrize("status, expected", [(3, 3), (2, 2), (1, 1), (-9, 1)])
+def test_run_all_exits_with_the_failed_stages_status(tmp_path, monkeypatch, status, expected):
+    """A diverged stage (3) stays 3 through run-all, a user mistake 2, a crash or a kill 1; nothing after it runs."""
+    import rlhf.pipeline
+
+    calls = []
+    monkeypatch.setattr(rlhf.pipeline, "_run_command", lambda command, *a: calls.append(command) or status)
+    result = cli("run-all", "--config", str(write_config(tmp_path)))
+    assert result.exit_code == expected
+    assert calls == ["sft"]
+    assert error_lines(result) == [f"error: the sft stage failed (exit status {status}); earlier stages are kept. "
+                                   "Fix the cause and rerun: it resumes from the last checkpoint"]
