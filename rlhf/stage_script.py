@@ -42,6 +42,9 @@ def stage_script(run: Callable[[PipelineConfig], object], description: str) -> N
         state = init_processes()
         try:
             run(cfg)
+            # Tear down together: a process that destroys its group while another is still in a
+            # collective can abort in gloo ("terminate called without an active exception").
+            state.wait_for_everyone()
         finally:
             state.destroy_process_group()
 

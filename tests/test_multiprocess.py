@@ -172,6 +172,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     assert draws() == after
     assert len({json.dumps(d) for d in gather_object([after])}) == WORLD  # each process samples differently
     assert (ckpt / "rng-rank1.pt").is_file() and not (ckpt / "rng-rank0.pt").exists()
+    state.wait_for_everyone()  # as stage_script does: no process tears down while another is in a collective
     state.destroy_process_group()
 
 
