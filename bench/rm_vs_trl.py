@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from trainer_timing import compare, timer_callback  # noqa: E402 (bench/ is the script's folder)
+from trainer_timing import add_common_args, compare, setup, timer_callback  # noqa: E402 (bench/ is the script's folder)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "data" / "demo" / "rm_train.jsonl"
@@ -119,38 +119,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model_dir", nargs="?",
                         help="model folder (default: the embedded SmolLM2, converted on first use)")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
     parser.add_argument("--batch-size", type=int, default=8, help="preference pairs per step")
-    parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state figure")
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per side; 2+ alternates the order (ABBA)")
-    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on a GPU that has it)")
-    parser.add_argument("--no-warmup-run", action="store_true", help="skip the untimed warm-up run")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
+    add_common_args(parser)
     args = parser.parse_args()
-
-    import logging
-
-    import torch
-    import transformers
-
-    from rlhf.config import ModelConfig
-    from rlhf.models import resolve_model
-
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    transformers.logging.set_verbosity_error()
-    if args.dtype is None:
-        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    model_dir = args.model_dir or resolve_model(ModelConfig())
-    if not (Path(model_dir) / "config.json").is_file():
-        sys.exit(f"error: {model_dir} is not a model folder (no config.json)")
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
+    model_dir, device = setup(args, args.model_dir)
     print(f"model {model_dir} | {args.steps} steps x {args.batch_size} pairs | max_length {args.max_length} | "
           f"{args.dtype} | {device}", file=sys.stderr)
 
     compare(args, model_dir, run_baseline, run_ours, "rm", "trl.RewardTrainer", "rlhf.rm.run", device)
+
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,43 @@ def timer_callback():
     return Timer()
 
 
+def add_common_args(parser) -> None:
+    """The options both Trainer benchmarks share (the model folder and --batch-size are their own)."""
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per timed run")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--warmup-steps", type=int, default=2, help="steps left out of the steady-state figure")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per side; 2+ alternates the order (ABBA)")
+    parser.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bfloat16 on a GPU that has it)")
+    parser.add_argument("--no-warmup-run", action="store_true", help="skip the untimed warm-up run")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 avoids oversubscription on a busy machine)")
+
+
+def setup(args, model_dir: str | None) -> tuple[str, str]:
+    """Quiet logging, threads and dtype from the common options; returns (model folder: the given one
+    or the embedded SmolLM2, converted on first use; a description of the device)."""
+    import logging
+    import sys
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import resolve_model
+
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.logging.set_verbosity_error()
+    if args.dtype is None:
+        args.dtype = "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    model_dir = model_dir or resolve_model(ModelConfig())
+    if not (Path(model_dir) / "config.json").is_file():
+        sys.exit(f"error: {model_dir} is not a model folder (no config.json)")
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads"
+    return model_dir, device
+
+
 def compare(args, model_dir: str, run_baseline, run_ours, stage: str, baseline_name: str, ours_name: str,
             device: str) -> None:
     """Run both sides (an untimed baseline warm-up, then `args.repeats` rounds in alternating order,
