@@ -17,7 +17,7 @@ from typing import Any
 from rlhf.config import PipelineConfig, TrainSection, stage_hash
 from rlhf.models import model_kwargs, torch_dtype
 from rlhf.runs import file_problem, replace_dir, save_atomically
-from rlhf.tracking import METRICS_FILE, metrics_callback, read_metrics, report_to
+from rlhf.tracking import METRICS_FILE, metrics_callback, report_to, trim_metrics
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:
     state.wait_for_everyone()
     last = get_last_checkpoint(str(ckpt_dir))
     if state.is_main_process:
-        _trim_metrics(cfg.stage_dir(stage) / METRICS_FILE, int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
+        trim_metrics(cfg.stage_dir(stage) / METRICS_FILE, int(Path(last).name.rsplit("-", 1)[-1]) if last else 0)
     if last:
         log.info("resuming %s from %s", stage, last)
     return last
@@ -129,19 +129,6 @@ def incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:
         return []
     return [d for d in sorted(ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"))
             if d.is_dir() and d.name.rsplit("-", 1)[-1].isdigit() and checkpoint_problem(d)]
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Keep the rows logged up to `step` (the checkpoint resumed from), minus end-of-training summaries."""
-    if not path.is_file():
-        return
-    if step == 0:
-        path.unlink()
-        return
-    kept = [row for row in read_metrics(path) if row.get("step", 0) <= step and "train_runtime" not in row]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(row) + "\n" for row in kept), encoding="utf-8")
-    tmp.replace(path)
 
 
 def callbacks(cfg: PipelineConfig, stage: str) -> list:

@@ -185,6 +185,21 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """Keep the rows of a JSONL log (metrics, samples) logged up to `step`, the checkpoint a run resumes
+    from, minus end-of-training summaries; step 0 removes the file."""
+    from rlhf.runs import write_jsonl_atomically
+
+    path = Path(path)
+    if not path.is_file():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [row for row in read_metrics(path) if row.get("step", 0) <= step and "train_runtime" not in row]
+    write_jsonl_atomically(path, kept)
+
+
 # Names of config keys that would hold credentials (none does today; a future field such as
 # `hub_token` or `api_key` must not reach W&B). Whole names and credential suffixes only, so
 # `stop_token` or `margin_column` stay visible.

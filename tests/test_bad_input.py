@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from rlhf.cli import app
 from rlhf.config import load_config
-from tests.conftest import REPO, write_config
+from tests.conftest import write_config
 
 
 def cli(*args: str):

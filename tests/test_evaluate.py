@@ -9,7 +9,6 @@ import json
 import os
 import math
 import shutil
-from pathlib import Path
 
 import pytest
 import torch

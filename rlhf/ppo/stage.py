@@ -67,12 +67,12 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     from transformers import AutoModelForCausalLM
 
     from rlhf.data import needs_chat_template, ppo_data, render
-    from rlhf.hf_trainer import _trim_metrics, export_merged
+    from rlhf.hf_trainer import export_merged
     from rlhf.models import load_tokenizer, lora_config, model_kwargs, turn_end_suffix
     from rlhf.ppo.roles import build_roles
     from rlhf.ppo.trainer import checkpoint_dirs, latest_resumable, run_loop, seed_everything
     from rlhf.runs import begin_stage, fail_stage, finish_stage, require_upstream
-    from rlhf.tracking import MetricsWriter, Tracker
+    from rlhf.tracking import MetricsWriter, Tracker, trim_metrics
 
     if cfg.ppo is None:
         raise UserError(f"{cfg.source}: no 'ppo' section; add one to run the PPO stage")
@@ -102,7 +102,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
         resume_from = latest_resumable(ckpt_root, config_hash)
         done_steps = json.loads((resume_from / "state.json").read_text())["step"] if resume_from else 0
         for name in ("metrics.jsonl", "samples.jsonl"):
-            _trim_metrics(stage_dir / name, done_steps)
+            trim_metrics(stage_dir / name, done_steps)
         manifest = begin_stage(cfg, STAGE)
     state.wait_for_everyone()
     tracker = None
