@@ -39,6 +39,7 @@ from rlhf.evaluate import (
     response_stats,
     sample,
     stderr,
+    summary_metrics,
 )
 from tests.conftest import write_config
 
@@ -359,6 +360,12 @@ def test_eval_outputs_exist_and_agree(tiny_eval_run):
     assert sum(g["contribution"] for g in d["eos"]["groups"].values()) == pytest.approx(policy["score_gain_mean"])
     assert d["eos"]["n_pairs"] == len(rows) and d["length"]["n"] == cfg.eval.max_prompts
     assert report["judge"] is None and report["overoptimisation_check"] is None and report["warnings"] == []
+    tracked = summary_metrics(report)  # what the tracker gets
+    assert tracked["eval/win_rate_stderr"] == policy["win_rate_stderr"] and tracked["eval/samples_per_prompt"] == k
+    assert tracked["eval/score_gain_stderr"] == policy["score_gain_stderr"]
+    assert tracked["eval/score_gain_at_equal_length"] == d["length"]["gain_at_equal_length"]
+    assert tracked["eval/score_gain_with_eos_change"] == d["eos"]["changed_contribution"]
+    assert "eval/overoptimised" not in tracked and not any(k.startswith("eval/judge") for k in tracked)
     # over-optimisation: step 0 (SFT, KL 0) and every checkpoint
     points = report["overoptimisation"]
     assert [p["step"] for p in points] == list(range(0, cfg.ppo.steps + 1, cfg.ppo.save_every))
@@ -385,6 +392,10 @@ def test_eval_with_judge_through_the_cli(tiny_eval_run, tmp_path):
     assert "judge gain at equal length" in result.stdout and "judge gain by EOS status" in result.stdout
     assert all("judge_mean" in p and "judge_stderr" in p for p in report["overoptimisation"])
     assert report["overoptimisation_check"] == overoptimisation_check(report["overoptimisation"])
+    tracked = summary_metrics(report)
+    assert tracked["eval/judge_gain_stderr"] == expected["gain_stderr"]
+    assert tracked["eval/judge_win_rate_stderr"] == expected["win_rate_stderr"]
+    assert tracked["eval/overoptimised"] == float(report["overoptimisation_check"]["flag"])
     # a judge that raises: exit 2, one error line naming the judge and the prompt
     result = CliRunner().invoke(app, ["eval", "--config", str(path), "--set", "eval.judge=tests.test_evaluate:raising_judge"])
     assert result.exit_code == 2 and "Traceback" not in result.output
