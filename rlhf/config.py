@@ -162,14 +162,23 @@ class PPOConfig(Section):
     adam_eps: float = _field(1e-5, description="AdamW epsilon (N+: 1e-5).", gt=0)
     max_grad_norm: float = _field(1.0, description="Gradient clipping norm.", gt=0)
     max_prompt_length: int = _field(256, description="Prompts longer than this many tokens are dropped (count reported).", ge=1)
-    response_length: int = _field(48, description="New tokens generated per response.", ge=1)
+    response_length: int = _field(
+        48, description="New tokens generated per response. PPO warns at its first step when fewer than half of the "
+        "SFT policy's responses reach the stop token within it.", ge=1
+    )
     temperature: float = _field(0.7, description="Sampling temperature; every logprob is computed from logits / T.", gt=0)
     stop_token: str | None = _field("eos", description="Responses end at this token ('eos' = the tokenizer's EOS).")
     missing_eos_score: float | None = _field(
-        -1.0, description="Score given to a response with no stop token (null: keep the RM's score)."
+        -1.0,
+        description="Score given to a response with no stop token, in units of the RM's score_std (rm/eval.json), "
+        "relative to its centred mean: the score becomes missing_eos_score × score_std (null: keep the RM's score). "
+        "OpenAI's lm-human-preferences normalised its RM to mean 0, std 1, where N+ set −1; in std units the rule "
+        "weighs the same against any RM's signal.",
     )
     missing_eos_penalty: float | None = _field(
-        None, description="Instead of replacing, subtract this from the score of a response with no stop token."
+        None,
+        description="Instead of replacing, subtract missing_eos_penalty × score_std (the RM's, as for "
+        "missing_eos_score) from the score of a response with no stop token.",
     )
     kl_coef: float = _field(0.05, description="β of the per-token KL penalty (InstructGPT used 0.02).", ge=0)
     kl_estimator: Literal["k1", "k3"] = _field("k1", description="Per-token KL estimator.")
@@ -211,6 +220,13 @@ class EvalConfig(Section):
 
     enabled: bool = _field(True, description="Run the evaluation at the end of run-all.", affects_output=False)
     max_prompts: int = _field(32, description="Held-out PPO prompts to compare the PPO policy and the SFT model on (the first N).", ge=1)
+    samples_per_prompt: int = _field(
+        4,
+        description="Responses per held-out prompt from each model, sample j drawn with the same seed for both; win "
+        "rates, gains and their paired standard errors compare per-prompt means. Costs this many times the "
+        "PPO-vs-SFT generation and scoring (the over-optimisation curve stays at one sample per prompt).",
+        ge=1,
+    )
     overopt_prompts: int = _field(
         8, description="Held-out prompts per PPO checkpoint for the over-optimisation curve (score vs KL); 0 skips it.", ge=0
     )

@@ -3,15 +3,18 @@
 - RM: accuracy on the held-out preference pairs (ties count 0.5), mean margin, and a
   calibration-style view: pairs binned by |score difference| against the empirical accuracy in
   each bin, beside the Bradley-Terry prediction σ(|difference|) -> eval/rm_calibration.png.
-- Policy: for each held-out PPO prompt (the first `eval.max_prompts`), one response from the SFT
-  model and one from the PPO policy, sampled with the same settings and the same seed, both scored
-  by the reward model exactly as PPO scores its rollouts. Win rate of PPO over SFT (ties 0.5),
-  mean score gain, KL(PPO‖SFT) per response, lengths and EOS rates.
+- Policy: for each held-out PPO prompt (the first `eval.max_prompts`), `eval.samples_per_prompt`
+  (k) responses from the SFT model and k from the PPO policy, sampled with the same settings and,
+  sample for sample, the same seeds, all scored by the reward model exactly as PPO scores its
+  rollouts. Over prompts, on per-prompt means: win rate of PPO over SFT (ties 0.5) and the mean
+  score gain, each with its (paired) standard error; KL(PPO‖SFT) per response, lengths and EOS
+  rates; and how much of the gain comes with length and EOS changes (gain_decomposition).
 - Judge (optional): `eval.judge: "package.module:function"`, called as function(prompt, response)
-  -> float on both responses; its win rate and means are reported beside the RM's.
+  -> float on every response; the same figures as the RM's, beside them.
 - Over-optimisation: every PPO checkpoint (and step 0, the SFT model) on the first
-  `eval.overopt_prompts` held-out prompts: mean RM score (and judge score) against mean KL
-  -> eval/overoptimisation.png.
+  `eval.overopt_prompts` held-out prompts, one sample each: mean RM score (and judge score)
+  against mean KL -> eval/overoptimisation.png; with a judge, a warning when the judge falls
+  while the RM score rises (overoptimisation_check).
 
 The models are the PPO roles (rlhf.ppo.roles.build_roles): `sft/model` loaded once, the reward
 adapter and head from `rm/adapter`, and the policy adapter loaded with the trained PPO weights. The
@@ -19,9 +22,10 @@ SFT model is that base with the adapters off (the PPO reference), so "SFT" here 
 model PPO measured its KL against, and scores are read as PPO reads them (chat-template suffix
 appended after a stop token, score at the last real token).
 
-Outputs under runs/<name>/eval/: eval.json {settings, inputs, rm, policy, judge, overoptimisation},
-samples.jsonl (one row per prompt: prompt, sft_response, ppo_response, sft_score, ppo_score, kl,
-and sft_judge/ppo_judge with a judge), rm_calibration.png, overoptimisation.png.
+Outputs under runs/<name>/eval/: eval.json {settings, inputs, rm, policy, judge, overoptimisation,
+overoptimisation_check, warnings}, samples.jsonl (one row per prompt and sample: prompt_index,
+sample, prompt, sft_response, ppo_response, sft_score, ppo_score, kl, sft/ppo_has_stop,
+sft/ppo_length, and sft_judge/ppo_judge with a judge), rm_calibration.png, overoptimisation.png.
 
 `generate_text` is `rlhf generate`: a stage's merged model folder with plain transformers.
 """
@@ -67,23 +71,40 @@ def outcomes(base: Sequence[float], new: Sequence[float]) -> list[float]:
     return [1.0 if n > b else 0.5 if n == b else 0.0 for b, n in zip(base, new)]
 
 
-def paired_comparison(base: Sequence[float], new: Sequence[float]) -> dict[str, float]:
+def prompt_means(values: Sequence[float], samples_per_prompt: int) -> list[float]:
+    """(N·k,) values in prompt-major order (the k samples of prompt 0, then prompt 1's, ...) -> (N,)
+    per-prompt means. k = samples_per_prompt; the length must be a multiple of k."""
+    k = samples_per_prompt
+    if k < 1 or len(values) % k:
+        raise ValueError(f"prompt_means: {len(values)} values are not a whole number of groups of {k}")
+    return [math.fsum(float(v) for v in values[i:i + k]) / k for i in range(0, len(values), k)]
+
+
+def paired_comparison(base: Sequence[float], new: Sequence[float], samples_per_item: int = 1) -> dict[str, float]:
     """Win rate and score gain of `new` over `base` on paired scores.
 
-    base, new: (N,) floats, item i scored under both. Returns n, win_rate (mean of `outcomes`),
-    wins, ties, losses, win_rate_stderr (sample std of the outcomes / sqrt(N); 0 for N = 1),
-    gain_mean (mean of new - base), gain_stderr, base_mean and new_mean. N = 0 gives NaNs."""
-    base = [float(x) for x in base]
-    new = [float(x) for x in new]
+    base, new: (N·k,) floats in item-major order (k = samples_per_item samples of item 0, then of
+    item 1, ...), sample j of item i scored under both (e.g. the SFT and the PPO response to prompt
+    i drawn with the same seed). Each item's k scores are averaged first (prompt_means), so the
+    items, not the samples, are the independent units. Returns n (items), n_samples (N·k),
+    samples_per_item, win_rate (mean of `outcomes` of the per-item means: ties 0.5), wins, ties,
+    losses, win_rate_stderr (sample std of the outcomes / sqrt(N); 0 for N = 1), gain_mean (mean of
+    new - base), gain_stderr (the paired standard error: sample std of the per-item mean
+    differences / sqrt(N)), base_mean and new_mean. N = 0 gives NaNs."""
+    base = prompt_means(base, samples_per_item)
+    new = prompt_means(new, samples_per_item)
     n = len(base)
     out = outcomes(base, new)
     if n == 0:
         nan = float("nan")
-        return {"n": 0, "win_rate": nan, "wins": 0, "ties": 0, "losses": 0, "win_rate_stderr": nan,
-                "gain_mean": nan, "gain_stderr": nan, "base_mean": nan, "new_mean": nan}
+        return {"n": 0, "n_samples": 0, "samples_per_item": samples_per_item, "win_rate": nan, "wins": 0, "ties": 0,
+                "losses": 0, "win_rate_stderr": nan, "gain_mean": nan, "gain_stderr": nan, "base_mean": nan,
+                "new_mean": nan}
     gains = [b2 - b1 for b1, b2 in zip(base, new)]
     return {
         "n": n,
+        "n_samples": n * samples_per_item,
+        "samples_per_item": samples_per_item,
         "win_rate": math.fsum(out) / n,
         "wins": sum(1 for o in out if o == 1.0),
         "ties": sum(1 for o in out if o == 0.5),
@@ -137,6 +158,119 @@ def response_stats(lengths: Sequence[int], has_stop: Sequence[bool]) -> dict[str
         return {"length_mean": nan, "length_min": nan, "length_max": nan, "eos_rate": nan}
     return {"length_mean": sum(lengths) / n, "length_min": min(lengths), "length_max": max(lengths),
             "eos_rate": sum(1 for s in has_stop if s) / n}
+
+
+def eos_change_split(base_stop: Sequence[bool], new_stop: Sequence[bool], gains: Sequence[float]) -> dict[str, Any]:
+    """The score gain split by how each pair's stop-token (EOS) status changed from base to new.
+
+    base_stop, new_stop: (M,) whether the base (SFT) and the new (PPO) response of pair m reached the
+    stop token; gains: (M,) new − base score of pair m. Groups: both_stop, neither_stop,
+    gained_stop (base cut off at the length limit, new stopped) and lost_stop (the reverse); per
+    group n, share (n / M), gain_mean (NaN when empty) and contribution (Σ of its gains / M). The
+    four contributions add up to the mean gain; `changed_*` sums the two groups whose status changed
+    (the gain that comes with EOS changes), `unchanged_gain_mean` is the mean gain of the others."""
+    if not len(base_stop) == len(new_stop) == len(gains):
+        raise ValueError(f"eos_change_split: {len(base_stop)}, {len(new_stop)} and {len(gains)} values")
+    m = len(gains)
+    nan = float("nan")
+    members: dict[str, list[float]] = {"both_stop": [], "neither_stop": [], "gained_stop": [], "lost_stop": []}
+    for b, n, g in zip(base_stop, new_stop, gains):
+        key = ("both_stop" if n else "lost_stop") if b else ("gained_stop" if n else "neither_stop")
+        members[key].append(float(g))
+    groups = {k: {"n": len(v), "share": len(v) / m if m else nan, "gain_mean": math.fsum(v) / len(v) if v else nan,
+                  "contribution": math.fsum(v) / m if m else nan} for k, v in members.items()}
+    changed = members["gained_stop"] + members["lost_stop"]
+    unchanged = members["both_stop"] + members["neither_stop"]
+    return {"n_pairs": m, "groups": groups, "changed_share": len(changed) / m if m else nan,
+            "changed_contribution": math.fsum(changed) / m if m else nan,
+            "unchanged_gain_mean": math.fsum(unchanged) / len(unchanged) if unchanged else nan}
+
+
+def length_regression(length_diff: Sequence[float], gains: Sequence[float]) -> dict[str, float]:
+    """How much of a mean score gain goes with the change in length: the least-squares line
+    gain = a + b · Δlength over N items (per-prompt means of new − base).
+
+    length_diff, gains: (N,). Returns n, length_diff_mean, slope (b: score per extra token),
+    gain_at_equal_length (a: the gain predicted at Δlength = 0) with its OLS standard error
+    (gain_at_equal_length_stderr, NaN for N < 3), from_length (b · mean Δlength), length_share
+    (from_length / mean gain; NaN for a zero gain) and r2. The mean gain = gain_at_equal_length +
+    from_length exactly. Δlength without spread leaves b unidentified: b = 0 when every Δlength is
+    0 (all of the gain is at equal length), else b and a are NaN."""
+    x = [float(v) for v in length_diff]
+    y = [float(v) for v in gains]
+    if len(x) != len(y):
+        raise ValueError(f"length_regression: {len(x)} length differences but {len(y)} gains")
+    n = len(x)
+    nan = float("nan")
+    if n == 0:
+        return {"n": 0, "length_diff_mean": nan, "slope": nan, "gain_at_equal_length": nan,
+                "gain_at_equal_length_stderr": nan, "from_length": nan, "length_share": nan, "r2": nan}
+    mx, my = math.fsum(x) / n, math.fsum(y) / n
+    sxx = math.fsum((v - mx) ** 2 for v in x)
+    sxy = math.fsum((u - mx) * (v - my) for u, v in zip(x, y))
+    syy = math.fsum((v - my) ** 2 for v in y)
+    if sxx > 0:
+        slope = sxy / sxx
+    else:
+        slope = 0.0 if mx == 0 else nan
+    intercept = my - slope * mx
+    sse = math.fsum((v - intercept - slope * u) ** 2 for u, v in zip(x, y))
+    if n >= 3 and sxx > 0:
+        se = math.sqrt(sse / (n - 2) * (1 / n + mx ** 2 / sxx))
+    elif n >= 2 and sxx == 0 and mx == 0:
+        se = stderr(y)  # no length change at all: the intercept is the plain mean gain
+    else:
+        se = nan
+    from_length = slope * mx
+    return {"n": n, "length_diff_mean": mx, "slope": slope, "gain_at_equal_length": intercept,
+            "gain_at_equal_length_stderr": se, "from_length": from_length,
+            "length_share": from_length / my if my != 0 else nan,
+            "r2": 1 - sse / syy if syy > 0 and sxx > 0 else nan}
+
+
+def gain_decomposition(base_scores: Sequence[float], new_scores: Sequence[float], base_lengths: Sequence[int],
+                       new_lengths: Sequence[int], base_stop: Sequence[bool], new_stop: Sequence[bool],
+                       samples_per_prompt: int) -> dict[str, Any]:
+    """How much of the new-over-base score gain comes with length and EOS changes. Every argument is
+    (N·k,) in prompt-major order, sample j of prompt i drawn with the same seed on both sides.
+
+    `eos`: eos_change_split over the N·k sample pairs. `length`: length_regression of the per-prompt
+    mean gain on the per-prompt mean length difference (new − base tokens, the stop token counted)."""
+    k = samples_per_prompt
+    gains = [float(b2) - float(b1) for b1, b2 in zip(base_scores, new_scores)]
+    diffs = [float(l2) - float(l1) for l1, l2 in zip(base_lengths, new_lengths)]
+    return {"eos": eos_change_split(base_stop, new_stop, gains),
+            "length": length_regression(prompt_means(diffs, k), prompt_means(gains, k))}
+
+
+def overoptimisation_check(points: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Does the judge (the gold score) fall while the RM score rises over the PPO checkpoints?
+
+    points: the over-optimisation curve in step order (step 0 = SFT first), each with step,
+    rm_score_mean, judge_mean and judge_stderr. The last checkpoint is compared with the earlier
+    point of best judge mean: `flag` is true when that best judge mean exceeds the last one by more
+    than the last point's judge standard error while the last RM score is higher than at the best
+    point (Gao et al. 2023: proxy up, gold down). None without a judge or with fewer than two points."""
+    if len(points) < 2 or any("judge_mean" not in p for p in points):
+        return None
+    last = points[-1]
+    best = max(points[:-1], key=lambda p: p["judge_mean"])  # the first of equal bests
+    drop = best["judge_mean"] - last["judge_mean"]
+    flag = drop > last["judge_stderr"] and last["rm_score_mean"] > best["rm_score_mean"]
+    return {"flag": bool(flag), "last_step": last["step"], "best_step": best["step"], "judge_last": last["judge_mean"],
+            "judge_best": best["judge_mean"], "judge_drop": drop, "judge_stderr": last["judge_stderr"],
+            "rm_last": last["rm_score_mean"], "rm_at_best": best["rm_score_mean"]}
+
+
+def overoptimisation_warning(check: dict[str, Any] | None) -> str | None:
+    """The one warning line for a flagged overoptimisation_check, else None."""
+    if not check or not check["flag"]:
+        return None
+    earlier = "the SFT model" if check["best_step"] == 0 else f"the step-{check['best_step']} checkpoint"
+    return (f"over-optimisation: from step {check['best_step']} to step {check['last_step']} the RM score rose "
+            f"({check['rm_at_best']:+.3f} -> {check['rm_last']:+.3f}) while the judge fell ({check['judge_best']:+.3f} -> "
+            f"{check['judge_last']:+.3f}, more than its standard error {check['judge_stderr']:.3f}): PPO is exploiting "
+            f"the reward model; prefer {earlier}, a larger ppo.kl_coef, fewer ppo.steps or a better RM")
 
 
 def sigmoid(x: float) -> float:
@@ -468,36 +602,54 @@ def evaluate_rm(env: Env, pairs, split: str) -> dict[str, Any]:
 
 
 def compare_policy(env: Env, prompts: list[list[int]], raw_prompts: list[Any], judge: Callable | None,
-                   judge_spec: str | None) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
-    """SFT vs the policy currently in the `policy` adapter on the same prompts: (policy metrics,
-    judge metrics or None, sample rows)."""
-    sft = respond(env, None, prompts, "eval: SFT")
-    ppo = respond(env, "policy", prompts, "eval: PPO")
-    cmp = paired_comparison(sft.scores, ppo.scores)
+                   judge_spec: str | None, samples_per_prompt: int = 1
+                   ) -> tuple[dict[str, Any], dict[str, Any] | None, list[dict[str, Any]]]:
+    """SFT vs the policy currently in the `policy` adapter on the same prompts, `samples_per_prompt`
+    (k) responses per prompt from each model: (policy metrics, judge metrics or None, sample rows).
+
+    The prompts are repeated k times (prompt-major) and sampled in the same batches with the same
+    seeds by both models (respond), so sample j of prompt i is drawn with the same random numbers
+    under SFT and PPO. Win rates, gains and their standard errors are over prompts, on the
+    per-prompt means (paired_comparison); KL per response is averaged the same way."""
+    k = samples_per_prompt
+    expanded = [p for p in prompts for _ in range(k)]
+    raw_expanded = [p for p in raw_prompts for _ in range(k)]
+    prompt_index = [i for i in range(len(prompts)) for _ in range(k)]
+    sft = respond(env, None, expanded, "eval: SFT")
+    ppo = respond(env, "policy", expanded, "eval: PPO")
+    cmp = paired_comparison(sft.scores, ppo.scores, k)
     policy = {
-        "n_prompts": cmp["n"], "win_rate": cmp["win_rate"], "win_rate_stderr": cmp["win_rate_stderr"],
+        "n_prompts": cmp["n"], "samples_per_prompt": k, "n_samples": cmp["n_samples"],
+        "win_rate": cmp["win_rate"], "win_rate_stderr": cmp["win_rate_stderr"],
         "wins": cmp["wins"], "ties": cmp["ties"], "losses": cmp["losses"],
         "score_gain_mean": cmp["gain_mean"], "score_gain_stderr": cmp["gain_stderr"],
         "sft_score_mean": cmp["base_mean"], "ppo_score_mean": cmp["new_mean"],
-        "kl": describe(ppo.kl),
+        "kl": describe(prompt_means(ppo.kl, k)),
         "sft": response_stats(sft.lengths, sft.has_stop), "ppo": response_stats(ppo.lengths, ppo.has_stop),
+        "gain_decomposition": gain_decomposition(sft.scores, ppo.scores, sft.lengths, ppo.lengths, sft.has_stop,
+                                                 ppo.has_stop, k),
     }
     policy["kl_mean"] = policy["kl"]["mean"]
     if env.cfg.ppo is not None:
         policy["kl_warn_bound"] = env.cfg.ppo.kl_warn_bound
-    rows = [{"prompt": _readable_prompt(p), "sft_response": s, "ppo_response": q, "sft_score": round(ss, 4),
-             "ppo_score": round(qs, 4), "kl": round(k, 4), "sft_has_stop": bool(sh), "ppo_has_stop": bool(qh)}
-            for p, s, q, ss, qs, k, sh, qh in zip(raw_prompts, sft.texts, ppo.texts, sft.scores, ppo.scores, ppo.kl,
-                                                  sft.has_stop, ppo.has_stop)]
+    rows = [{"prompt_index": i, "sample": n % k, "prompt": _readable_prompt(p), "sft_response": s, "ppo_response": q,
+             "sft_score": round(ss, 4), "ppo_score": round(qs, 4), "kl": round(kl, 4), "sft_has_stop": bool(sh),
+             "ppo_has_stop": bool(qh), "sft_length": int(sl), "ppo_length": int(ql)}
+            for n, (i, p, s, q, ss, qs, kl, sh, qh, sl, ql) in enumerate(zip(
+                prompt_index, raw_expanded, sft.texts, ppo.texts, sft.scores, ppo.scores, ppo.kl, sft.has_stop,
+                ppo.has_stop, sft.lengths, ppo.lengths))]
     judged = None
     if judge is not None:
-        sft_j = judge_scores(judge, judge_spec, raw_prompts, sft.texts, "SFT")
-        ppo_j = judge_scores(judge, judge_spec, raw_prompts, ppo.texts, "PPO")
-        jc = paired_comparison(sft_j, ppo_j)
-        judged = {"judge": judge_spec, "n_prompts": jc["n"], "win_rate": jc["win_rate"],
+        sft_j = judge_scores(judge, judge_spec, raw_expanded, sft.texts, "SFT", prompt_index)
+        ppo_j = judge_scores(judge, judge_spec, raw_expanded, ppo.texts, "PPO", prompt_index)
+        jc = paired_comparison(sft_j, ppo_j, k)
+        judged = {"judge": judge_spec, "n_prompts": jc["n"], "samples_per_prompt": k, "win_rate": jc["win_rate"],
                   "win_rate_stderr": jc["win_rate_stderr"], "ties": jc["ties"], "sft_mean": jc["base_mean"],
-                  "ppo_mean": jc["new_mean"], "gain_mean": jc["gain_mean"],
-                  "agreement_with_rm": _agreement(outcomes(sft.scores, ppo.scores), outcomes(sft_j, ppo_j))}
+                  "ppo_mean": jc["new_mean"], "gain_mean": jc["gain_mean"], "gain_stderr": jc["gain_stderr"],
+                  "agreement_with_rm": _agreement(outcomes(prompt_means(sft.scores, k), prompt_means(ppo.scores, k)),
+                                                  outcomes(prompt_means(sft_j, k), prompt_means(ppo_j, k))),
+                  "gain_decomposition": gain_decomposition(sft_j, ppo_j, sft.lengths, ppo.lengths, sft.has_stop,
+                                                           ppo.has_stop, k)}
         for row, a, b in zip(rows, sft_j, ppo_j):
             row["sft_judge"], row["ppo_judge"] = a, b
     return policy, judged, rows
@@ -512,8 +664,9 @@ def _agreement(a: list[float], b: list[float]) -> float:
 
 def overoptimisation(env: Env, prompts: list[list[int]], raw_prompts: list[Any], judge: Callable | None,
                      judge_spec: str | None) -> list[dict[str, Any]]:
-    """Mean RM score (and judge score) and mean KL at step 0 (the SFT model) and at every PPO
-    checkpoint of the current config, on `prompts`. Leaves the last checkpoint's policy loaded."""
+    """Mean RM score (and judge score, each with its standard error) and mean KL at step 0 (the SFT
+    model) and at every PPO checkpoint of the current config, on `prompts`, one sample per prompt
+    (kept cheap: one pass per checkpoint). Leaves the last checkpoint's policy loaded."""
     from rlhf.ppo.trainer import checkpoint_dirs
 
     ckpt_hash = stage_hash(env.cfg, "ppo")
@@ -532,7 +685,7 @@ def overoptimisation(env: Env, prompts: list[list[int]], raw_prompts: list[Any],
                  "eos_rate": response_stats(r.lengths, r.has_stop)["eos_rate"]}
         if judge is not None:
             js = judge_scores(judge, judge_spec, raw_prompts, r.texts, f"step {step}")
-            point["judge_mean"] = math.fsum(js) / len(js)
+            point["judge_mean"], point["judge_stderr"] = math.fsum(js) / len(js), stderr(js)
         points.append(point)
     return points
 
@@ -573,7 +726,8 @@ def run(cfg: PipelineConfig) -> Path:
         raw = list(prompts_ds["prompt"])[:cfg.eval.max_prompts]
         tokenized = [tokenizer(render(tokenizer, p), add_special_tokens=False)["input_ids"] for p in raw]
         load_policy_adapter(env, cfg.stage_dir("ppo") / "adapter")
-        report["policy"], report["judge"], rows = compare_policy(env, tokenized, raw, judge, cfg.eval.judge)
+        report["policy"], report["judge"], rows = compare_policy(env, tokenized, raw, judge, cfg.eval.judge,
+                                                                 cfg.eval.samples_per_prompt)
         report["policy"]["split"] = prompt_split
         seconds["policy"] = time.perf_counter() - t0 - sum(seconds.values())
         k = min(cfg.eval.overopt_prompts, len(tokenized))
@@ -581,13 +735,20 @@ def run(cfg: PipelineConfig) -> Path:
             report["overoptimisation"] = overoptimisation(env, tokenized[:k], raw[:k], judge, cfg.eval.judge)
             plot_overoptimisation(report["overoptimisation"], out_dir / OVEROPT_PNG, cfg.eval.judge)
             seconds["overoptimisation"] = time.perf_counter() - t0 - sum(seconds.values())
+    report["overoptimisation_check"] = overoptimisation_check(report["overoptimisation"])
+    report["warnings"] = [w for w in [overoptimisation_warning(report["overoptimisation_check"])] if w]
     report["settings"] = {
-        "max_prompts": cfg.eval.max_prompts, "overopt_prompts": cfg.eval.overopt_prompts,
+        "max_prompts": cfg.eval.max_prompts, "samples_per_prompt": cfg.eval.samples_per_prompt,
+        "overopt_prompts": cfg.eval.overopt_prompts, "overopt_samples_per_prompt": 1,
         "response_length": env.response_length, "temperature": env.temperature, "seed": env.seed,
         "batch_size": env.batch_size, "judge": cfg.eval.judge, "stop_token": cfg.ppo.stop_token if cfg.ppo else "eos",
         "ppo_steps": cfg.ppo.steps if cfg.ppo else None, "scores": "raw RM scores (no centring, no missing-EOS rule)",
         "kl": "k1, summed over response tokens, at the sampling temperature, on the PPO samples",
-        "ties_count_as": 0.5, "time_s": round(time.perf_counter() - t0, 2),
+        "ties_count_as": 0.5,
+        "win_rate": "over prompts: the per-prompt mean scores of PPO and SFT compared (ties 0.5)",
+        "gain_stderr": "paired: sample std of the per-prompt mean differences / sqrt(n_prompts)",
+        "samples": "samples.jsonl has one row per (prompt, sample); sample j of a prompt has the same seed for both models",
+        "time_s": round(time.perf_counter() - t0, 2),
         "phase_s": {k: round(v, 2) for k, v in seconds.items()},
     }
     write_jsonl_atomically(out_dir / SAMPLES_FILE, rows)
@@ -609,9 +770,9 @@ def _track(cfg: PipelineConfig, report: dict[str, Any], rows: list[dict[str, Any
         step = cfg.ppo.steps if cfg.ppo is not None else 0
         tracker.log(summary_metrics(report), step=step)
         if rows:
-            tracker.log_samples([{"prompt": r["prompt"], "response": r["ppo_response"], "score": r["ppo_score"],
-                                  "sft_response": r["sft_response"], "sft_score": r["sft_score"], "kl": r["kl"]}
-                                 for r in rows], step)
+            tracker.log_samples([{"prompt": r["prompt"], "sample": r["sample"], "response": r["ppo_response"],
+                                  "score": r["ppo_score"], "sft_response": r["sft_response"], "sft_score": r["sft_score"],
+                                  "kl": r["kl"]} for r in rows], step)
     finally:
         tracker.finish()
 
@@ -621,15 +782,44 @@ def summary_metrics(report: dict[str, Any]) -> dict[str, float]:
     out = {"eval/rm_accuracy": report["rm"]["accuracy"], "eval/rm_margin": report["rm"]["margin_mean"]}
     policy = report.get("policy")
     if policy:
-        out.update({"eval/win_rate": policy["win_rate"], "eval/score_gain": policy["score_gain_mean"],
+        out.update({"eval/win_rate": policy["win_rate"], "eval/win_rate_stderr": policy["win_rate_stderr"],
+                    "eval/score_gain": policy["score_gain_mean"], "eval/score_gain_stderr": policy["score_gain_stderr"],
                     "eval/kl": policy["kl_mean"], "eval/sft_score": policy["sft_score_mean"],
                     "eval/ppo_score": policy["ppo_score_mean"], "eval/ppo_eos_rate": policy["ppo"]["eos_rate"],
                     "eval/sft_eos_rate": policy["sft"]["eos_rate"], "eval/ppo_length": policy["ppo"]["length_mean"],
-                    "eval/sft_length": policy["sft"]["length_mean"]})
+                    "eval/sft_length": policy["sft"]["length_mean"],
+                    "eval/samples_per_prompt": policy.get("samples_per_prompt", 1)})
+        out.update(_decomposition_metrics("eval/score_gain", policy.get("gain_decomposition")))
     judge = report.get("judge")
     if judge:
-        out.update({"eval/judge_win_rate": judge["win_rate"], "eval/judge_gain": judge["gain_mean"]})
+        out.update({"eval/judge_win_rate": judge["win_rate"], "eval/judge_win_rate_stderr": judge["win_rate_stderr"],
+                    "eval/judge_gain": judge["gain_mean"], "eval/judge_gain_stderr": judge.get("gain_stderr", math.nan)})
+        out.update(_decomposition_metrics("eval/judge_gain", judge.get("gain_decomposition")))
+    check = report.get("overoptimisation_check")
+    if check:
+        out["eval/overoptimised"] = float(check["flag"])
     return out
+
+
+def _decomposition_metrics(prefix: str, d: dict[str, Any] | None) -> dict[str, float]:
+    if not d:
+        return {}
+    return {f"{prefix}_at_equal_length": d["length"]["gain_at_equal_length"],
+            f"{prefix}_from_length": d["length"]["from_length"],
+            f"{prefix}_with_eos_change": d["eos"]["changed_contribution"]}
+
+
+def decomposition_lines(what: str, d: dict[str, Any]) -> list[str]:
+    """Two lines: how much of a gain goes with the length change and with EOS changes (gain_decomposition)."""
+    length, eos = d["length"], d["eos"]
+    g = eos["groups"]
+    return [f"  {what} gain at equal length {length['gain_at_equal_length']:+.3f} ± "
+            f"{length['gain_at_equal_length_stderr']:.3f}, with the length change {length['from_length']:+.3f} "
+            f"({length['length_diff_mean']:+.1f} tokens per response; regression over prompts)",
+            f"  {what} gain by EOS status: changed in {eos['changed_share']:.0%} of the sample pairs (cut off -> "
+            f"stopped {g['gained_stop']['share']:.0%}, stopped -> cut off {g['lost_stop']['share']:.0%}), carrying "
+            f"{eos['changed_contribution']:+.3f} of the gain; the other pairs gain "
+            f"{eos['unchanged_gain_mean']:+.3f} on average"]
 
 
 def summary_lines(report: dict[str, Any], out_dir: Path) -> list[str]:
@@ -639,19 +829,29 @@ def summary_lines(report: dict[str, Any], out_dir: Path) -> list[str]:
              f"mean margin {rm['margin_mean']:+.3f}"]
     p = report.get("policy")
     if p:
-        lines.append(f"PPO vs SFT on {p['n_prompts']} {p['split']} prompts: win rate {p['win_rate']:.3f} "
-                     f"± {p['win_rate_stderr']:.3f} by RM score, mean score {p['sft_score_mean']:+.3f} -> "
-                     f"{p['ppo_score_mean']:+.3f} (gain {p['score_gain_mean']:+.3f})")
+        k = p.get("samples_per_prompt", 1)
+        lines.append(f"PPO vs SFT on {p['n_prompts']} {p['split']} prompts × {k} sample{'s' if k > 1 else ''}: "
+                     f"win rate {p['win_rate']:.3f} ± {p['win_rate_stderr']:.3f} by RM score (per-prompt means), "
+                     f"mean score {p['sft_score_mean']:+.3f} -> {p['ppo_score_mean']:+.3f} "
+                     f"(gain {p['score_gain_mean']:+.3f} ± {p['score_gain_stderr']:.3f})")
+        if p.get("gain_decomposition"):
+            lines += decomposition_lines("RM score", p["gain_decomposition"])
         lines.append(f"KL(PPO‖SFT) {p['kl_mean']:.3f} nats per response (median {p['kl']['median']:.3f}, "
-                     f"max {p['kl']['max']:.3f}); length {p['sft']['length_mean']:.1f} -> {p['ppo']['length_mean']:.1f} "
-                     f"tokens, EOS rate {p['sft']['eos_rate']:.2f} -> {p['ppo']['eos_rate']:.2f}")
+                     f"max {p['kl']['max']:.3f} over prompts); length {p['sft']['length_mean']:.1f} -> "
+                     f"{p['ppo']['length_mean']:.1f} tokens, EOS rate {p['sft']['eos_rate']:.2f} -> "
+                     f"{p['ppo']['eos_rate']:.2f}")
     j = report.get("judge")
     if j:
-        lines.append(f"judge {j['judge']}: win rate {j['win_rate']:.3f}, mean {j['sft_mean']:+.3f} -> {j['ppo_mean']:+.3f}, "
+        gain_se = f" ± {j['gain_stderr']:.3f}" if "gain_stderr" in j else ""
+        lines.append(f"judge {j['judge']}: win rate {j['win_rate']:.3f} ± {j['win_rate_stderr']:.3f}, mean "
+                     f"{j['sft_mean']:+.3f} -> {j['ppo_mean']:+.3f} (gain {j['gain_mean']:+.3f}{gain_se}), "
                      f"agrees with the RM on {j['agreement_with_rm']:.2f} of prompts")
+        if j.get("gain_decomposition"):
+            lines += decomposition_lines("judge", j["gain_decomposition"])
     for pt in report.get("overoptimisation") or []:
         judge_text = f", judge {pt['judge_mean']:+.3f}" if "judge_mean" in pt else ""
         lines.append(f"  step {pt['step']:>4}: RM score {pt['rm_score_mean']:+.3f}, KL {pt['kl_mean']:.3f}{judge_text}")
+    lines += [f"warning: {w}" for w in report.get("warnings") or []]
     lines.append(f"wrote {out_dir / EVAL_FILE}, {out_dir / SAMPLES_FILE} and the plots in {out_dir}")
     return lines
 

@@ -257,11 +257,13 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 def samples_section(cfg: PipelineConfig, out_dir: Path) -> str:
     eval_rows = _read_jsonl(out_dir / "samples.jsonl")
     if eval_rows:
-        preferred = ["prompt", "sft_response", "ppo_response", "sft_score", "ppo_score", "kl", "sft_judge", "ppo_judge"]
+        preferred = ["prompt", "sample", "sft_response", "ppo_response", "sft_score", "ppo_score", "kl", "sft_judge", "ppo_judge"]
         columns = [c for c in preferred if c in eval_rows[0]]
+        first = [r for r in eval_rows if r.get("sample", 0) == 0]  # one row per prompt: its first sample
         return (f"<h2>Samples: SFT vs PPO on held-out prompts</h2><p>From <code>eval/samples.jsonl</code> "
-                f"(<code>rlhf eval</code>); first {min(len(eval_rows), MAX_SAMPLES)} of {len(eval_rows)}.</p>"
-                + _table(eval_rows[:MAX_SAMPLES], columns))
+                f"(<code>rlhf eval</code>); the first sample of the first {min(len(first), MAX_SAMPLES)} of "
+                f"{len(first)} prompts ({len(eval_rows)} samples in all).</p>"
+                + _table(first[:MAX_SAMPLES], columns))
     ppo_rows = _read_jsonl(cfg.stage_dir("ppo") / "samples.jsonl")
     if ppo_rows:
         last = max(r.get("step", 0) for r in ppo_rows)

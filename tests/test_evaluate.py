@@ -21,17 +21,25 @@ from rlhf.evaluate import (
     calibration_bins,
     compare_policy,
     describe,
+    eos_change_split,
     eval_state,
+    gain_decomposition,
     judge_scores,
     kl_per_response,
+    length_regression,
     load_env,
     load_judge,
     load_policy_adapter,
     load_policy_checkpoint,
     outcomes,
+    overoptimisation_check,
+    overoptimisation_warning,
     paired_comparison,
+    prompt_means,
     response_stats,
     sample,
+    stderr,
+    summary_metrics,
 )
 from tests.conftest import write_config
 
@@ -44,6 +52,15 @@ def length_judge(prompt, response):
 
 def raising_judge(prompt, response):
     raise RuntimeError("judge service down")
+
+
+FALLING_JUDGE_CALLS = [0]
+
+
+def falling_judge(prompt, response):
+    """A gold score that only ever falls: each call scores 1 lower than the one before."""
+    FALLING_JUDGE_CALLS[0] += 1
+    return -float(FALLING_JUDGE_CALLS[0])
 
 
 # ---------------------------------------------------------------------------- pure maths
@@ -66,6 +83,88 @@ def test_paired_comparison_against_hand_computed_values():
     assert math.isnan(paired_comparison([], [])["win_rate"])
     with pytest.raises(ValueError):
         outcomes([1.0], [1.0, 2.0])
+
+
+def test_paired_comparison_over_per_prompt_means():
+    """Two samples per prompt: the prompts' means are compared, not the samples."""
+    assert prompt_means([1.0, 3.0, 2.0, 2.0], 2) == [2.0, 2.0]
+    with pytest.raises(ValueError):
+        prompt_means([1.0, 2.0, 3.0], 2)
+    base = [1.0, 3.0, 2.0, 2.0, 0.0, 1.0]  # per-prompt means 2, 2, 0.5
+    new = [2.0, 4.0, 2.0, 2.0, 1.0, -2.0]  # per-prompt means 3, 2, -0.5
+    m = paired_comparison(base, new, samples_per_item=2)
+    assert (m["n"], m["n_samples"], m["samples_per_item"]) == (3, 6, 2)
+    assert (m["wins"], m["ties"], m["losses"], m["win_rate"]) == (1, 1, 1, 0.5)  # per sample it would be 4/6
+    # outcomes 1, 0.5, 0: deviations .5 0 -.5 -> Σ² = .5; sqrt(.5 / 2 / 3)
+    assert m["win_rate_stderr"] == pytest.approx(math.sqrt(0.5 / 6))
+    # per-prompt mean differences 1, 0, -1: mean 0, Σ² = 2 -> the paired stderr sqrt(2 / 2 / 3)
+    assert m["gain_mean"] == 0.0 and m["gain_stderr"] == pytest.approx(math.sqrt(1 / 3))
+    assert m["base_mean"] == m["new_mean"] == 1.5
+    assert paired_comparison(base, new)["n"] == 6  # one sample per item: the samples are the items
+
+
+def test_eos_change_split_against_hand_computed_values():
+    d = eos_change_split([True, False, False, True, False], [True, True, False, False, True],
+                         [1.0, 2.0, -1.0, -2.0, 4.0])
+    g = d["groups"]
+    assert {k: v["n"] for k, v in g.items()} == {"both_stop": 1, "neither_stop": 1, "gained_stop": 2, "lost_stop": 1}
+    assert g["gained_stop"] == {"n": 2, "share": 0.4, "gain_mean": 3.0, "contribution": 1.2}
+    assert (g["both_stop"]["contribution"], g["neither_stop"]["contribution"], g["lost_stop"]["contribution"]) == (0.2, -0.2, -0.4)
+    # the contributions add up to the mean gain 0.8; the pairs that changed EOS status carry (2 + 4 - 2) / 5
+    assert d["n_pairs"] == 5 and d["changed_share"] == 0.6 and d["changed_contribution"] == 0.8
+    assert d["unchanged_gain_mean"] == 0.0
+    empty = eos_change_split([True], [True], [0.5])["groups"]["lost_stop"]
+    assert empty["n"] == 0 and math.isnan(empty["gain_mean"]) and empty["contribution"] == 0.0
+
+
+def test_length_regression_against_hand_computed_values():
+    r = length_regression([0.0, 2.0, 4.0], [1.0, 2.0, 6.0])
+    # x̄ 2, ȳ 3, Sxx 8, Sxy 10: slope 1.25, intercept 3 - 2.5 = 0.5; residuals .5 -1 .5: SSE 1.5
+    assert (r["n"], r["length_diff_mean"], r["slope"], r["gain_at_equal_length"], r["from_length"]) == (3, 2.0, 1.25, 0.5, 2.5)
+    assert r["gain_at_equal_length"] + r["from_length"] == 3.0  # the mean gain, exactly
+    assert r["length_share"] == 2.5 / 3
+    assert r["gain_at_equal_length_stderr"] == pytest.approx(math.sqrt(1.5 / 1 * (1 / 3 + 4 / 8)))
+    assert r["r2"] == pytest.approx(1 - 1.5 / 14)
+    same = length_regression([0.0, 0.0, 0.0], [1.0, 2.0, 3.0])  # no length change: all of it at equal length
+    assert (same["slope"], same["gain_at_equal_length"], same["from_length"], same["length_share"]) == (0.0, 2.0, 0.0, 0.0)
+    assert same["gain_at_equal_length_stderr"] == pytest.approx(math.sqrt(1 / 3))
+    shifted = length_regression([2.0, 2.0], [1.0, 2.0])  # every response 2 tokens longer: slope unidentified
+    assert math.isnan(shifted["slope"]) and math.isnan(shifted["gain_at_equal_length"])
+
+
+def test_gain_decomposition_uses_sample_pairs_for_eos_and_prompt_means_for_length():
+    d = gain_decomposition(base_scores=[0.0, 0.0, 1.0, 1.0], new_scores=[1.0, 3.0, 1.0, 2.0],
+                           base_lengths=[4, 4, 8, 8], new_lengths=[6, 8, 8, 8],
+                           base_stop=[False, False, True, True], new_stop=[True, True, True, True], samples_per_prompt=2)
+    # sample gains 1 3 0 1; prompt means: gain 2, 0.5; Δlength 3, 0 -> slope 0.5, intercept 0.5
+    assert d["eos"]["groups"]["gained_stop"]["n"] == 2 and d["eos"]["changed_contribution"] == 1.0
+    assert d["eos"]["unchanged_gain_mean"] == 0.5
+    length = d["length"]
+    assert (length["n"], length["slope"], length["gain_at_equal_length"], length["from_length"]) == (2, 0.5, 0.5, 0.75)
+    assert math.isnan(length["gain_at_equal_length_stderr"])  # two points fit any line
+
+
+def _point(step, rm, judge, se=0.125):
+    return {"step": step, "rm_score_mean": rm, "judge_mean": judge, "judge_stderr": se, "kl_mean": 0.0}
+
+
+def test_overoptimisation_check_flags_judge_falling_while_rm_rises():
+    points = [_point(0, 0.0, 1.0), _point(2, 0.5, 1.5), _point(4, 0.75, 1.25)]
+    c = overoptimisation_check(points)
+    assert c == {"flag": True, "last_step": 4, "best_step": 2, "judge_last": 1.25, "judge_best": 1.5, "judge_drop": 0.25,
+                 "judge_stderr": 0.125, "rm_last": 0.75, "rm_at_best": 0.5}
+    line = overoptimisation_warning(c)
+    assert line.startswith("over-optimisation: from step 2 to step 4 the RM score rose (+0.500 -> +0.750) while the judge "
+                           "fell (+1.500 -> +1.250, more than its standard error 0.125)")
+    assert "prefer the step-2 checkpoint" in line
+    # a drop within the standard error, or an RM score that fell too: no flag
+    assert not overoptimisation_check([_point(0, 0.0, 1.0), _point(2, 0.5, 1.5), _point(4, 0.75, 1.25, se=0.25)])["flag"]
+    assert not overoptimisation_check([_point(0, 0.0, 1.0), _point(2, 0.5, 1.5), _point(4, 0.25, 1.25)])["flag"]
+    assert overoptimisation_warning(overoptimisation_check([_point(0, 0.0, 1.0), _point(2, 0.5, 1.5)])) is None
+    from_sft = overoptimisation_check([_point(0, 0.0, 2.0), _point(2, 0.5, 1.5)])
+    assert from_sft["best_step"] == 0 and "prefer the SFT model" in overoptimisation_warning(from_sft)
+    assert overoptimisation_check([_point(0, 0.0, 1.0)]) is None
+    assert overoptimisation_check([{"step": 0, "rm_score_mean": 0.0}, {"step": 2, "rm_score_mean": 1.0}]) is None
 
 
 def test_kl_per_response_sums_masked_tokens_only():
@@ -163,16 +262,25 @@ def fresh_env(tiny_ppo_run):
 
 def test_untrained_policy_against_sft_is_an_exact_tie(fresh_env):
     """The SFT pass (adapters off, our sampling) and the policy pass (rollout.generate) draw the same
-    tokens with the same seed when the policy equals the reference: every prompt ties, KL is exactly 0."""
+    tokens with the same seeds when the policy equals the reference: with 2 samples per prompt,
+    every sample pair is identical, so every prompt ties and KL is exactly 0; the two samples of a
+    prompt are different draws."""
     cfg, env, raw, prompts = fresh_env
     policy, judged, rows = compare_policy(env, prompts, raw, load_judge("tests.test_evaluate:length_judge"),
-                                          "tests.test_evaluate:length_judge")
-    assert policy["n_prompts"] == len(rows) == 6
+                                          "tests.test_evaluate:length_judge", samples_per_prompt=2)
+    assert (policy["n_prompts"], policy["samples_per_prompt"], policy["n_samples"], len(rows)) == (6, 2, 12, 12)
+    assert [(r["prompt_index"], r["sample"]) for r in rows] == [(i, j) for i in range(6) for j in range(2)]
+    assert all(r["prompt"] == rows[2 * r["prompt_index"]]["prompt"] for r in rows)
+    assert any(rows[2 * i]["sft_response"] != rows[2 * i + 1]["sft_response"] for i in range(6))
     assert all(r["sft_response"] == r["ppo_response"] and r["sft_score"] == r["ppo_score"] for r in rows)
     assert policy["win_rate"] == 0.5 and policy["ties"] == 6 and policy["score_gain_mean"] == 0.0
-    assert [r["kl"] for r in rows] == [0.0] * 6 and policy["kl_mean"] == 0.0
-    assert judged["win_rate"] == 0.5 and judged["agreement_with_rm"] == 1.0
+    assert policy["score_gain_stderr"] == 0.0 and policy["win_rate_stderr"] == 0.0
+    assert [r["kl"] for r in rows] == [0.0] * 12 and policy["kl_mean"] == 0.0
+    assert judged["win_rate"] == 0.5 and judged["agreement_with_rm"] == 1.0 and judged["gain_stderr"] == 0.0
     assert policy["sft"] == policy["ppo"]
+    eos = policy["gain_decomposition"]["eos"]
+    assert eos["changed_share"] == 0.0 and eos["changed_contribution"] == 0.0
+    assert policy["gain_decomposition"]["length"]["gain_at_equal_length"] == 0.0
 
 
 def test_both_samplers_draw_the_same_tokens(fresh_env):
@@ -230,15 +338,34 @@ def test_eval_outputs_exist_and_agree(tiny_eval_run):
     assert rm["n_pairs"] == rm_stage["n_pairs"] == sum(b["n"] for b in rm["calibration"])
     assert rm["margin_mean"] == pytest.approx(rm_stage["margin_mean"], abs=1e-3)
     assert rm["accuracy"] == pytest.approx(rm_stage["accuracy"], abs=0.03)
-    # policy: the summary is the samples table's
+    # policy: the summary is the samples table's, k = eval.samples_per_prompt rows per prompt (default 4)
     policy = report["policy"]
-    assert policy["n_prompts"] == len(rows) == cfg.eval.max_prompts
-    assert policy["win_rate"] == paired_comparison([r["sft_score"] for r in rows], [r["ppo_score"] for r in rows])["win_rate"]
+    k = cfg.eval.samples_per_prompt
+    assert k == 4 and policy["samples_per_prompt"] == report["settings"]["samples_per_prompt"] == k
+    assert policy["n_prompts"] == cfg.eval.max_prompts and len(rows) == policy["n_samples"] == k * cfg.eval.max_prompts
+    assert [r["sample"] for r in rows] == list(range(k)) * cfg.eval.max_prompts
+    expected = paired_comparison([r["sft_score"] for r in rows], [r["ppo_score"] for r in rows], k)
+    assert policy["win_rate"] == expected["win_rate"] and policy["ties"] == expected["ties"]
+    assert policy["win_rate_stderr"] == pytest.approx(expected["win_rate_stderr"])
+    assert policy["score_gain_stderr"] == pytest.approx(expected["gain_stderr"], abs=1e-3)
     assert policy["kl_mean"] == pytest.approx(sum(r["kl"] for r in rows) / len(rows), abs=1e-3)
+    assert policy["kl"]["stderr"] == pytest.approx(stderr(prompt_means([r["kl"] for r in rows], k)), abs=1e-3)
     assert policy["ppo"]["eos_rate"] == sum(r["ppo_has_stop"] for r in rows) / len(rows)
+    assert policy["ppo"]["length_mean"] == sum(r["ppo_length"] for r in rows) / len(rows)
     assert any(r["sft_response"] != r["ppo_response"] for r in rows)  # the trained policy samples differently
     assert set(rows[0]) >= {"prompt", "sft_response", "ppo_response", "sft_score", "ppo_score", "kl"}
-    assert report["judge"] is None
+    # the decomposition adds up to the gain
+    d = policy["gain_decomposition"]
+    assert d["length"]["gain_at_equal_length"] + d["length"]["from_length"] == pytest.approx(policy["score_gain_mean"])
+    assert sum(g["contribution"] for g in d["eos"]["groups"].values()) == pytest.approx(policy["score_gain_mean"])
+    assert d["eos"]["n_pairs"] == len(rows) and d["length"]["n"] == cfg.eval.max_prompts
+    assert report["judge"] is None and report["overoptimisation_check"] is None and report["warnings"] == []
+    tracked = summary_metrics(report)  # what the tracker gets
+    assert tracked["eval/win_rate_stderr"] == policy["win_rate_stderr"] and tracked["eval/samples_per_prompt"] == k
+    assert tracked["eval/score_gain_stderr"] == policy["score_gain_stderr"]
+    assert tracked["eval/score_gain_at_equal_length"] == d["length"]["gain_at_equal_length"]
+    assert tracked["eval/score_gain_with_eos_change"] == d["eos"]["changed_contribution"]
+    assert "eval/overoptimised" not in tracked and not any(k.startswith("eval/judge") for k in tracked)
     # over-optimisation: step 0 (SFT, KL 0) and every checkpoint
     points = report["overoptimisation"]
     assert [p["step"] for p in points] == list(range(0, cfg.ppo.steps + 1, cfg.ppo.save_every))
@@ -258,14 +385,59 @@ def test_eval_with_judge_through_the_cli(tiny_eval_run, tmp_path):
     report = json.loads((cfg.stage_dir("eval") / "eval.json").read_text())
     rows = [json.loads(line) for line in (cfg.stage_dir("eval") / "samples.jsonl").read_text().splitlines()]
     assert [r["sft_judge"] for r in rows] == [float(len(r["sft_response"])) for r in rows]
-    expected = paired_comparison([r["sft_judge"] for r in rows], [r["ppo_judge"] for r in rows])
+    k = cfg.eval.samples_per_prompt
+    expected = paired_comparison([r["sft_judge"] for r in rows], [r["ppo_judge"] for r in rows], k)
     assert report["judge"]["win_rate"] == expected["win_rate"] and report["judge"]["n_prompts"] == 4
-    assert all("judge_mean" in p for p in report["overoptimisation"])
+    assert report["judge"]["gain_stderr"] == expected["gain_stderr"] and len(rows) == 4 * k
+    assert "judge gain at equal length" in result.stdout and "judge gain by EOS status" in result.stdout
+    assert all("judge_mean" in p and "judge_stderr" in p for p in report["overoptimisation"])
+    assert report["overoptimisation_check"] == overoptimisation_check(report["overoptimisation"])
+    tracked = summary_metrics(report)
+    assert tracked["eval/judge_gain_stderr"] == expected["gain_stderr"]
+    assert tracked["eval/judge_win_rate_stderr"] == expected["win_rate_stderr"]
+    assert tracked["eval/overoptimised"] == float(report["overoptimisation_check"]["flag"])
     # a judge that raises: exit 2, one error line naming the judge and the prompt
     result = CliRunner().invoke(app, ["eval", "--config", str(path), "--set", "eval.judge=tests.test_evaluate:raising_judge"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert "error: eval.judge 'tests.test_evaluate:raising_judge' raised RuntimeError" in result.stderr
     assert "held-out prompt 0" in result.stderr
+
+
+def test_eval_warns_when_the_judge_falls_while_the_rm_score_rises(tiny_eval_run, tmp_path, monkeypatch):
+    """Over the checkpoints a judge that only falls, and an RM score that rises (the tiny RM is
+    noise, so the over-optimisation passes get +1 per PPO step added to their RM scores): the
+    summary warns, and eval.json flags it."""
+    from rlhf import evaluate
+
+    src = load_config(tiny_eval_run)
+    path = write_config(tmp_path, {"eval": {"max_prompts": 2, "samples_per_prompt": 1, "overopt_prompts": 4,
+                                            "batch_size": 4, "judge": "tests.test_evaluate:falling_judge"}})
+    cfg = load_config(path)
+    shutil.copytree(src.run_dir, cfg.run_dir)
+    real_respond = evaluate.respond
+
+    def rising_respond(env, adapter, prompts, desc):
+        out = real_respond(env, adapter, prompts, desc)
+        if desc.startswith("eval: step "):
+            out.scores = [s + int(desc.rsplit(" ", 1)[1]) for s in out.scores]
+        return out
+
+    monkeypatch.setattr(evaluate, "respond", rising_respond)
+    FALLING_JUDGE_CALLS[0] = 0
+    result = CliRunner().invoke(app, ["eval", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((cfg.stage_dir("eval") / "eval.json").read_text())
+    check = report["overoptimisation_check"]
+    assert check["flag"] is True and (check["best_step"], check["last_step"]) == (0, cfg.ppo.steps)
+    assert report["warnings"] == [overoptimisation_warning(check)]
+    assert f"warning: over-optimisation: from step 0 to step {cfg.ppo.steps} the RM score rose" in result.stdout
+    assert "prefer the SFT model" in result.stdout
+    # without the rising RM the tiny run's curve decides; the flag always follows the pure check
+    monkeypatch.setattr(evaluate, "respond", real_respond)
+    assert CliRunner().invoke(app, ["eval", "--config", str(path)]).exit_code == 0
+    report = json.loads((cfg.stage_dir("eval") / "eval.json").read_text())
+    assert report["overoptimisation_check"] == overoptimisation_check(report["overoptimisation"])
+    assert bool(report["warnings"]) == report["overoptimisation_check"]["flag"]
 
 
 def test_run_all_skips_a_current_eval_and_reruns_a_stale_one(tiny_eval_run, monkeypatch):

@@ -89,6 +89,11 @@ def test_missing_eos_rule_uses_response_only():
     assert final_scores(raw, has_stop, ppo, rm_mean=0.5).tolist() == [0.5, -1.0]
     ppo_pen = PPOConfig(data={"path": "x.jsonl"}, missing_eos_penalty=2.0)
     assert final_scores(raw, has_stop, ppo_pen, rm_mean=0.5).tolist() == [0.5, -0.5]
+    # In units of the RM's score std: replaced by -1 · 0.25, or 1.5 - 2 · 0.25; stopped responses untouched.
+    assert final_scores(raw, has_stop, ppo, rm_mean=0.5, rm_std=0.25).tolist() == [0.5, -0.25]
+    assert final_scores(raw, has_stop, ppo_pen, rm_mean=0.5, rm_std=0.25).tolist() == [0.5, 1.0]
+    no_rule = PPOConfig(data={"path": "x.jsonl"}, missing_eos_score=None)
+    assert final_scores(raw, has_stop, no_rule, rm_mean=0.5, rm_std=0.25).tolist() == [0.5, 1.5]
     # A prompt that contains EOS does not count: has_stop comes from truncate_at_stop on response tokens only.
     _, _, stop = truncate_at_stop(torch.tensor([[4, 5, 6]]), 2, 0)
     assert not stop.any()
@@ -399,6 +404,53 @@ def test_health_warnings_fire(roles_env, caplog):
     assert "negative" in " ".join(health_warnings({"objective/kl": -1.005, "response/eos_fraction": 0.5}, ro, cfg.ppo, clear))
 
 
+def test_sft_eos_warning_names_the_rate_the_length_and_the_scaled_rule():
+    from rlhf.config import PPOConfig
+    from rlhf.ppo.trainer import sft_eos_warning
+
+    ppo = PPOConfig(data={"path": "x.jsonl"}, response_length=48)
+    text = sft_eos_warning(0.25, ppo, rm_std=0.5)
+    assert text.startswith("only 25% of the SFT policy's responses reach the stop token within ppo.response_length=48")
+    assert "missing_eos_score × RM score_std = -0.5" in text and "raise ppo.response_length (e.g. to 96)" in text
+    assert sft_eos_warning(0.5, ppo) is None  # half or more: no warning
+    assert sft_eos_warning(0.0, ppo.model_copy(update={"stop_token": None})) is None
+    pen = sft_eos_warning(0.0, ppo.model_copy(update={"missing_eos_score": None, "missing_eos_penalty": 2.0}), 0.25)
+    assert "missing_eos_penalty × RM score_std = 0.5" in pen
+    assert "scored cut off" in sft_eos_warning(0.1, ppo.model_copy(update={"missing_eos_score": None}))
+
+
+def test_first_step_eos_warning_replaces_the_plain_one(roles_env):
+    from rlhf.ppo.trainer import health_warnings
+
+    cfg, tok, roles = roles_env
+    ro = rollout_for(cfg, tok, roles, n=2)
+    kl = torch.tensor([0.0, 0.0])
+    metrics = {"objective/kl": 0.0, "response/eos_fraction": 0.0}
+    later = [w for w in health_warnings(metrics, ro, cfg.ppo, kl) if "stop token" in w]
+    first = [w for w in health_warnings(metrics, ro, cfg.ppo, kl, first_step=True) if "stop token" in w]
+    assert later == ["no response ended with the stop token; raise response_length or check stop_token"]
+    assert len(first) == 1 and first[0].startswith("only 0% of the SFT policy's responses")
+
+
+def test_fresh_run_warns_once_about_a_low_sft_eos_rate_and_scales_the_rule(tiny_rm_run, tmp_path, caplog):
+    """The tiny model's responses rarely reach EOS within 16 tokens: the first step of a fresh run
+    warns once (not at later steps, not on resume), and the missing-EOS score is -1 · rm_std."""
+    cfg, tok, roles = make_roles(tiny_rm_run)
+    zero = lambda q, r, m: torch.zeros(r.shape[0])  # noqa: E731 - the score is then the missing-EOS rule alone
+    ckpt = tmp_path / "eos"
+    with caplog.at_level("WARNING", logger="rlhf.ppo.trainer"):
+        _loop(cfg, tok, roles, ckpt, stop_after=2, reward_fn=zero, rm_std=0.5)
+    said = [r.getMessage() for r in caplog.records if "of the SFT policy's responses reach the stop token" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("step 1: only ")
+    assert "ppo.response_length=16 tokens" in said[0] and "score_std = -0.5" in said[0]
+    for row in read_metrics(ckpt / "metrics.jsonl"):
+        assert row["objective/scores_used"] == pytest.approx(-0.5 * (1 - row["response/eos_fraction"]), abs=1e-6)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="rlhf.ppo.trainer"):
+        _loop(cfg, tok, roles, ckpt, stop_after=3, reward_fn=zero, rm_std=0.5)
+    assert not [r for r in caplog.records if "SFT policy" in r.getMessage()]
+
+
 # ---------------------------------------------------------------------------- end to end
 
 
@@ -420,6 +472,16 @@ def test_ppo_stage_writes_outputs_and_merged_model_loads(tiny_rm_run):
                  "episode", "time/rollout_s", "time/update_s", "throughput/tokens_per_s"):
         assert name in rows[-1]
     assert (stage / "samples.jsonl").read_text().strip()
+    # The stage scales the missing-EOS score by the RM's recorded score std: the step-2 samples
+    # (that step's rollout, raw scores) give that step's mean reward score.
+    rm_metrics = json.loads((cfg.stage_dir("rm") / "manifest.json").read_text())["metrics"]
+    rm_eval = json.loads((cfg.stage_dir("rm") / "eval.json").read_text())
+    assert rm_metrics["score_std"] == rm_eval["score_std"] > 0
+    samples = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
+    step2 = [r for r in samples if r["step"] == 2]
+    expected = sum(r["score"] - rm_metrics["score_mean"] if r["has_stop"] else cfg.ppo.missing_eos_score * rm_metrics["score_std"]
+                   for r in step2) / len(step2)
+    assert rows[1]["objective/scores_used"] == pytest.approx(expected, abs=1e-3)
     model = AutoModelForCausalLM.from_pretrained(out)
     tok = load_tokenizer(cfg.model, str(out))
     ids = tok("hi", return_tensors="pt")

@@ -80,6 +80,22 @@ def test_report_embeds_eval_outputs(run_copy):
     assert "Evaluation (eval/eval.json)" in page and "0.75" in page
 
 
+def test_report_shows_a_real_evaluation(tiny_eval_run, tmp_path):
+    """On `rlhf eval`'s own outputs (4 samples per prompt): the summary with its standard errors and
+    the gain decomposition, and a samples table with one row per prompt (its first sample)."""
+    src = load_config(tiny_eval_run)
+    cfg = load_config(write_config(tmp_path, {"eval": {"max_prompts": 8, "overopt_prompts": 4, "batch_size": 4}}))
+    for name in ("sft", "rm", "ppo", "eval"):
+        shutil.copytree(src.run_dir / name, cfg.run_dir / name, ignore=shutil.ignore_patterns("model", "adapter", "checkpoints"))
+    page = write_report(cfg, echo=lambda line: None).read_text()
+    assert "held-out prompts × 4 samples: win rate" in page and "RM score gain at equal length" in page
+    assert "RM score gain by EOS status" in page
+    assert "<th>prompt</th><th>sample</th><th>sft_response</th>" in page
+    assert "the first sample of the first 8 of 8 prompts (32 samples in all)" in page
+    samples = page.split("Samples: SFT vs PPO", 1)[1]
+    assert samples.count("<tr><td>") == 8
+
+
 def test_missing_stages_are_skipped_with_a_note(tiny_ppo_run, tmp_path):
     cfg = load_config(write_config(tmp_path))
     eval_dir = cfg.run_dir / "eval"

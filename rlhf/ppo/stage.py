@@ -47,6 +47,20 @@ def _rm_score_mean(cfg: PipelineConfig) -> float:
     return float(metrics["score_mean"])
 
 
+def _rm_score_std(cfg: PipelineConfig) -> float:
+    """The RM's score std over its training responses: the unit of ppo.missing_eos_score/penalty."""
+    import math
+
+    from rlhf.runs import read_manifest
+
+    std = ((read_manifest(cfg.stage_dir("rm")) or {}).get("metrics") or {}).get("score_std")
+    if not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
+        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has no positive score_std (found {std!r}), the unit of "
+                        "ppo.missing_eos_score; rerun the RM stage: "
+                        f"rlhf run-all --from rm --config {cfg.source or 'pipeline.yaml'}")
+    return float(std)
+
+
 def _processes():
     """accelerate's view of the processes running this stage; refuses ZeRO and FSDP launches."""
     import os
@@ -83,6 +97,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     sft_model = cfg.stage_dir("sft") / "model"
     rm_adapter = cfg.stage_dir("rm") / "adapter"
     rm_mean = _rm_score_mean(cfg)
+    rm_std = _rm_score_std(cfg)
     tokenizer = load_tokenizer(cfg.model, str(sft_model), need_chat_template=needs_chat_template(cfg.ppo.data, cfg.seed))
     tokenizer.padding_side = "left"
     data = ppo_data(cfg, tokenizer)
@@ -118,7 +133,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
                            ckpt_root=ckpt_root, config_hash=config_hash,
                            metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl", enabled=is_main),
                            samples_path=stage_dir / "samples.jsonl", tracker=tracker,
-                           score_suffix=turn_end_suffix(tokenizer) if data.conversational else [])
+                           score_suffix=turn_end_suffix(tokenizer) if data.conversational else [], rm_std=rm_std)
         if is_main:  # every process holds the same adapters (gradients are averaged)
             _save_policy_adapter(roles, stage_dir / "adapter")
             del roles, base

@@ -72,16 +72,22 @@ class Advantages:
 
 
 def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_mean: float,
-                 whiten: Whiten | None = None) -> torch.Tensor:
+                 whiten: Whiten | None = None, rm_std: float = 1.0) -> torch.Tensor:
     """(B,) scores entering the reward: RM score minus the RM's training mean (PPO.md item 9), then the
     missing-stop-token rule (item 6), then optional batch whitening (`whiten`: statistics over every
-    process's batch, see cross_process_whiten; None: this batch alone)."""
+    process's batch, see cross_process_whiten; None: this batch alone).
+
+    raw, has_stop: (B,). The missing-EOS rule is in units of `rm_std`, the RM's score std over its
+    training responses: a response without the stop token scores missing_eos_score · rm_std (on the
+    centred scale), or loses missing_eos_penalty · rm_std. OpenAI's lm-human-preferences normalised
+    the RM to std 1 on policy samples, which is where N+ set −1; scaled so, −1 weighs the same against
+    a weak RM whose scores spread ±0.3 as against a strong one."""
     scores = normalize_scores(raw, rm_mean)
     if ppo.stop_token is not None:
         if ppo.missing_eos_penalty is not None:
-            scores = torch.where(has_stop, scores, scores - ppo.missing_eos_penalty)
+            scores = torch.where(has_stop, scores, scores - ppo.missing_eos_penalty * rm_std)
         elif ppo.missing_eos_score is not None:
-            scores = torch.where(has_stop, scores, torch.full_like(scores, ppo.missing_eos_score))
+            scores = torch.where(has_stop, scores, torch.full_like(scores, ppo.missing_eos_score * rm_std))
     if ppo.whiten_scores:
         if whiten is None:
             scores = normalize_scores(scores, 0.0, whiten=True)
@@ -330,12 +336,38 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
 # ---------------------------------------------------------------------------- health
 
 
-def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig, kl_per_response: torch.Tensor) -> list[str]:
+SFT_EOS_RATE_WARN = 0.5  # below this share of SFT responses reaching the stop token, the missing-EOS rule dominates
+
+
+def sft_eos_warning(eos_rate: float, ppo: PPOConfig, rm_std: float = 1.0) -> str | None:
+    """The first-step warning (a fresh run's first rollout is the SFT policy's own): with fewer than
+    half of the responses reaching the stop token within response_length, most rewards are the
+    missing-EOS score, not the RM's judgement, and PPO mostly learns to stop earlier. None when
+    the share is at least SFT_EOS_RATE_WARN or there is no stop token."""
+    if ppo.stop_token is None or eos_rate >= SFT_EOS_RATE_WARN:
+        return None
+    if ppo.missing_eos_penalty is not None:
+        rule = (f"the rest lose missing_eos_penalty × RM score_std = {ppo.missing_eos_penalty * rm_std:.3g}, "
+                "which then dominates the reward (PPO learns mostly to stop earlier)")
+    elif ppo.missing_eos_score is not None:
+        rule = (f"the rest score missing_eos_score × RM score_std = {ppo.missing_eos_score * rm_std:+.3g}, "
+                "which then dominates the reward (PPO learns mostly to stop earlier)")
+    else:
+        rule = "the rest are scored cut off (missing_eos_score: null), so the reward mostly judges unfinished answers"
+    return (f"only {eos_rate:.0%} of the SFT policy's responses reach the stop token within "
+            f"ppo.response_length={ppo.response_length} tokens: {rule}; raise ppo.response_length "
+            f"(e.g. to {2 * ppo.response_length})")
+
+
+def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig, kl_per_response: torch.Tensor,
+                    first_step: bool = False, rm_std: float = 1.0) -> list[str]:
     """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately.
 
     kl_per_response: (B,) summed KL of each response. "Negative beyond noise" means the batch mean
     is below -3 standard errors (k1 is unbiased but noisy per sample; a clearly negative mean
-    points at mismatched log-probs, e.g. dropout or different temperatures)."""
+    points at mismatched log-probs, e.g. dropout or different temperatures). `first_step`: the
+    rollout is a fresh run's first, the SFT policy's own (sft_eos_warning replaces the plain
+    no-stop-token warning there)."""
     warnings = []
     B = kl_per_response.numel()
     noise = 3 * kl_per_response.std().item() / B**0.5 if B > 1 else 0.0
@@ -343,7 +375,10 @@ def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig,
         warnings.append(f"KL is negative ({metrics['objective/kl']:.3f}): the policy and reference log-probs disagree beyond noise")
     if metrics["objective/kl"] > ppo.kl_warn_bound:
         warnings.append(f"KL {metrics['objective/kl']:.2f} exceeds kl_warn_bound={ppo.kl_warn_bound}; consider a larger kl_coef")
-    if ppo.stop_token is not None and metrics["response/eos_fraction"] == 0.0:
+    sft_eos = sft_eos_warning(metrics["response/eos_fraction"], ppo, rm_std) if first_step else None
+    if sft_eos is not None:
+        warnings.append(sft_eos)
+    elif ppo.stop_token is not None and metrics["response/eos_fraction"] == 0.0:
         warnings.append("no response ended with the stop token; raise response_length or check stop_token")
     responses = {tuple(r[m].tolist()) for r, m in zip(rollout.response_ids, rollout.response_mask)}
     if len(responses) == 1 and rollout.response_ids.shape[0] > 1:
@@ -553,13 +588,14 @@ def _restore_rank_rng(ckpt: Path, rank: int, world_size: int, seed: int, start: 
 def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: list[str], ppo: PPOConfig, *, seed: int,
              rm_mean: float, ckpt_root: Path, config_hash: str, metrics_writer, samples_path: Path,
              tracker=None, resume: bool = True, stop_after: int | None = None,
-             reward_fn=None, score_suffix: list[int] | None = None) -> dict[str, float]:
+             reward_fn=None, score_suffix: list[int] | None = None, rm_std: float = 1.0) -> dict[str, float]:
     """Run PPO steps from the latest checkpoint (or 0) to `ppo.steps` (or `stop_after`, for tests).
 
     Under `accelerate launch` every process runs this loop on its own share of the prompts (see
     "several processes" above); only the main process writes metrics, samples and checkpoints, and
     the caller gives the others a disabled metrics_writer and no tracker. `reward_fn` replaces the
-    reward model's score (see rollout.RewardFn). Returns the last step's metrics (over all processes)."""
+    reward model's score (see rollout.RewardFn). `rm_mean`, `rm_std`: the RM's score mean and std
+    over its training responses (final_scores). Returns the last step's metrics (over all processes)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -605,7 +641,7 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                                       score_suffix=score_suffix)
             release_freed_memory()
             check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
-            scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, whiten)
+            scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, whiten, rm_std)
             adv = compute_advantages(rollout, scores, ppo, kl_ctl.value, whiten)
             check_finite(kl=adv.kl, advantages=adv.advantages)
             t1 = time.perf_counter()
@@ -624,7 +660,8 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                 if not math.isfinite(value) and name != "value/explained_variance":
                     raise TrainingDiverged(f"{name} is {value} at step {step + 1}")
             if state.is_main_process:
-                for warning in health_warnings(metrics, rollout, ppo, (adv.kl * rollout.response_mask).sum(1)):
+                for warning in health_warnings(metrics, rollout, ppo, (adv.kl * rollout.response_mask).sum(1),
+                                               first_step=step == 0, rm_std=rm_std):
                     log.warning("step %d: %s", step + 1, warning)
             metrics_writer.write(step + 1, metrics)
             if tracker is not None:
