@@ -22,7 +22,7 @@ FILES = ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_train", "ppo_eval"
 SIZES = {
     "sft_train": (300, 600),
     "sft_eval": (40, 100),
-    "rm_train": (400, 800),
+    "rm_train": (250, 800),
     "rm_eval": (80, 150),
     "ppo_train": (150, 300),
     "ppo_eval": (40, 80),
