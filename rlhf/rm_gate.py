@@ -87,8 +87,8 @@ class Verdict:
                        f"{self.accuracy - 2 * self.se:.2f} <= {CHANCE})")
         more = " (more held-out pairs narrow the ±)" if self.near_chance and not self.below_min else ""
         return (f"PPO not started: the reward model's held-out pair accuracy is {self.accuracy:.2f} ± {self.se:.2f} "
-                f"(n={self.n_pairs} pairs, {cfg.stage_dir('rm')}/eval.json), {' and '.join(why)}, so PPO would "
-                f"optimise noise. Train the RM longer (raise rm.epochs), give it more or cleaner preference "
+                f"(n={self.n_pairs} pairs, {cfg.stage_dir('rm')}/eval.json), {' and '.join(why)}, so PPO could be "
+                f"optimising noise. Train the RM longer (raise rm.epochs), give it more or cleaner preference "
                 f"pairs{more}, or set rm.min_accuracy: null to run PPO anyway")
 
     def warning(self, cfg: PipelineConfig) -> str:
