@@ -118,6 +118,9 @@ def keep_best_callback(criterion: Criterion, patience: int | None):
 
     class KeepBest(TrainerCallback):
         def on_train_begin(self, args, state, control, **kwargs):
+            if patience is not None and args.eval_strategy == "no":
+                log.warning("early_stopping_patience is set but there is no held-out data to evaluate on: "
+                            "training runs its full length and exports its last state")
             # After a resume: the restored history names the best; its folder is in this run's output_dir
             # (a copied run folder's trainer_state.json still names the folder it was written in).
             mark_best(state, args.output_dir, criterion)

@@ -51,8 +51,8 @@ def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_e
         eval_strategy="steps" if has_eval else "no",
         eval_steps=auto_steps(section.eval_steps),
         save_strategy="steps",
-        save_steps=auto_steps(section.save_steps if section.save_steps is not None or not has_eval
-                              else section.eval_steps),
+        # save_steps null: with the evaluations, or EVALS_PER_RUN times over a run without held-out data
+        save_steps=auto_steps(section.eval_steps if section.save_steps is None and has_eval else section.save_steps),
         save_total_limit=section.save_total_limit,
         report_to=report_to(cfg, stage),
         seed=cfg.seed,

@@ -3,7 +3,8 @@
 For every stage: its state relative to the current config (done / stale and why / missing /
 running or interrupted / failed — rlhf.runs.stage_state decides, this module only adds what a
 person wants to see beside it), the step of its latest checkpoint, a few key metrics (for the
-reward model, the verdict of PPO's quality gate, rlhf.rm_gate) and where its outputs are. Reading only: nothing here loads a model or writes a file.
+reward model, the verdict of PPO's quality gate, rlhf.rm_gate) and where its outputs are.
+Reading only: nothing here loads a model or writes a file.
 """
 
 from __future__ import annotations
@@ -138,6 +139,12 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _metric_lines(row: StageRow) -> list[str]:
+    """The metrics cell: one line per metric; for the RM the gate's verdict replaces the bare accuracy."""
+    lines = [f"{k} {_fmt(v)}" for k, v in row.metrics.items() if not (row.gate and k == "eval accuracy")]
+    return ([row.gate] if row.gate else []) + lines
+
+
 def render(cfg: PipelineConfig, rows: list[StageRow]):
     """A rich Table of the rows."""
     from rich.table import Table
@@ -149,7 +156,7 @@ def render(cfg: PipelineConfig, rows: list[StageRow]):
         shown = SHOWN.get(row.state, row.state)
         table.add_row(
             row.stage, f"[{STYLE.get(row.state, '')}]{shown}[/]", row.reason, row.checkpoint,
-            "\n".join([f"{k} {_fmt(v)}" for k, v in row.metrics.items()] + ([row.gate] if row.gate else [])),
+            "\n".join(_metric_lines(row)),
             "\n".join(row.outputs),
         )
     return table

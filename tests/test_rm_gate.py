@@ -144,13 +144,14 @@ def test_rm_without_held_out_pairs_is_unchecked(tiny_sft_run, tmp_path, caplog):
     from rlhf.rm import run
 
     path = write_config(tmp_path, {"rm": {"data": {"eval_path": None, "eval_split": None}, "max_steps": 2,
-                                          "min_accuracy": 0.6}})
+                                          "min_accuracy": 0.6, "early_stopping_patience": 1}})
     cfg = load_config(path)
     shutil.copytree(load_config(tiny_sft_run).stage_dir("sft"), cfg.stage_dir("sft"),
                     ignore=shutil.ignore_patterns("checkpoints"))
     with caplog.at_level(logging.WARNING):
         run(cfg)
     assert "no held-out pairs, so its accuracy is unchecked" in caplog.text
+    assert "early_stopping_patience is set but there is no held-out data" in caplog.text
     report = json.loads((cfg.stage_dir("rm") / "eval.json").read_text())
     assert report["n_pairs"] == 0 and "best_step" not in report and "curve" not in report
     caplog.clear()
