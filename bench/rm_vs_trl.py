@@ -95,7 +95,7 @@ def run_ours(args, model_dir: str, out: Path, steps: int) -> dict:
         "rm": {
             "data": {"path": str(DATA), "eval_split": None}, "max_steps": steps, "batch_size": args.batch_size,
             "grad_accum": 1, "learning_rate": LR, "warmup_ratio": 0.03, "max_length": args.max_length,
-            "logging_steps": 1,
+            "logging_steps": 1, "save_steps": steps,  # one checkpoint, after the last step (not 8 per run)
         },
     }, "<bench>")
     sft_dir = cfg.stage_dir("sft")

@@ -101,6 +101,7 @@ def run_ours(args, model_dir: str, out: Path, steps: int) -> dict:
             "data": {"path": str(DATA), "eval_split": None}, "completion_only_loss": True,
             "max_steps": steps, "batch_size": args.batch_size, "grad_accum": 1, "learning_rate": 2e-4,
             "warmup_ratio": 0.03, "max_length": args.max_length, "logging_steps": 1,
+            "save_steps": steps,  # one checkpoint, after the last step (not 8 per run)
         },
     }, "<bench>")
     timer = timer_callback()

@@ -110,21 +110,50 @@ class LauncherConfig(Section):
 class TrainSection(Section):
     """Fields shared by the SFT and RM stages (both run on a transformers Trainer)."""
 
-    epochs: float = _field(1.0, description="Passes over the training data.", gt=0)
-    max_steps: int = _field(-1, description="Stop after this many optimizer steps (-1: run all epochs).", ge=-1)
+    epochs: float = _field(1.0, description="Passes over the training data: the length of the run.", gt=0)
+    max_steps: int = _field(
+        -1, description="Override: stop after this many optimizer steps (-1: run `epochs` passes).", ge=-1
+    )
     batch_size: int = _field(8, description="Examples per device per micro-batch.", ge=1)
     grad_accum: int = _field(1, description="Micro-batches per optimizer step.", ge=1)
     warmup_ratio: float = _field(0.03, description="Fraction of steps spent warming the learning rate up.", ge=0, lt=1)
     weight_decay: float = _field(0.0, description="AdamW weight decay.", ge=0)
     max_length: int = _field(512, description="Longest tokenized example; longer ones are dropped (count reported).", ge=8)
     logging_steps: int = _field(5, description="Log metrics every N optimizer steps.", ge=1, affects_output=False)
-    eval_steps: int | None = _field(None, description="Evaluate every N steps (null: at the end only).", ge=1, affects_output=False)
-    save_steps: int = _field(50, description="Write a resumable checkpoint every N steps.", ge=1, affects_output=False)
-    save_total_limit: int = _field(2, description="Checkpoints to keep.", ge=1, affects_output=False)
+    # The evaluations choose the exported checkpoint, so their cadence is part of the stage's output.
+    eval_steps: int | None = _field(
+        None,
+        description="With held-out data, evaluate every N steps and at the end; each evaluation writes a "
+        "checkpoint and the best one is exported (null: about 8 evaluations per run, from its length).",
+        ge=1,
+    )
+    early_stopping_patience: int | None = _field(
+        None,
+        description="Stop after this many evaluations in a row without a new best (null: train the whole run; "
+        "the best checkpoint is exported either way).",
+        ge=1,
+    )
+    save_steps: int | None = _field(
+        None,
+        description="Also write a resumable checkpoint every N steps (null: at every evaluation, or about 8 per "
+        "run without held-out data).",
+        ge=1,
+        affects_output=False,
+    )
+    save_total_limit: int = _field(
+        2, description="Checkpoints to keep; the latest and the best are always among them.", ge=1,
+        affects_output=False,
+    )
 
 
 class SFTConfig(TrainSection):
     data: DataConfig = _field(..., description="Training data: messages, prompt/completion, or text.")
+    epochs: float = _field(
+        2.0,
+        description="Passes over the training data. LoRA SFT recipes use 1-3 (Alpaca and TRL's default: 3); "
+        "InstructGPT's SFT overfit held-out loss after 1 epoch. 2, and the checkpoint of lowest held-out loss is exported.",
+        gt=0,
+    )
     learning_rate: float = _field(
         2e-4, description="Peak learning rate. 2e-4 is the usual LoRA SFT value (QLoRA); full fine-tuning wants ~1e-5.", gt=0
     )
@@ -135,6 +164,12 @@ class SFTConfig(TrainSection):
 
 class RMConfig(TrainSection):
     data: DataConfig = _field(..., description="Preference pairs: chosen/rejected with an explicit or implicit prompt.")
+    epochs: float = _field(
+        2.0,
+        description="Passes over the pairs. InstructGPT trained 1 epoch (its RM overfit after); small sets need "
+        "more, and the checkpoint with the best held-out accuracy is exported, so 2 is safe.",
+        gt=0,
+    )
     learning_rate: float = _field(
         5e-5,
         description="Peak learning rate. InstructGPT used ~9e-6 for full fine-tuning; LoRA needs more (5e-5 to 1e-4).",
@@ -144,6 +179,14 @@ class RMConfig(TrainSection):
         None, description="Reward-centring regulariser (Eisenstein et al. 2023); 0.01 is typical, null disables.", ge=0
     )
     margin_column: str | None = _field(None, description="Column with a per-pair margin for the loss, if any.")
+    min_accuracy: float | None = _field(
+        0.6,
+        description="PPO refuses to start when the RM's held-out pair accuracy is below this, or not clearly above "
+        "chance (accuracy - 2 standard errors <= 0.5); null turns the check off.",
+        ge=0,
+        le=1,
+        affects_output=False,
+    )
 
 
 class PPOConfig(Section):

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf.best_checkpoint import RM, SFT, auto_steps, keep_best_callback
 from rlhf.config import PipelineConfig, TrainSection, stage_hash
 from rlhf.models import model_kwargs, torch_dtype
 from rlhf.runs import file_problem, replace_dir, save_atomically
@@ -22,6 +23,7 @@ from rlhf.tracking import METRICS_FILE, metrics_callback, report_to, trim_metric
 log = logging.getLogger(__name__)
 
 HASH_FILE = "config_hash"
+CRITERION = {"sft": SFT, "rm": RM}  # how each stage's evaluations rank its checkpoints (rlhf.best_checkpoint)
 
 
 def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_eval: bool) -> dict[str, Any]:
@@ -44,10 +46,13 @@ def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_e
         max_length=section.max_length,
         logging_steps=section.logging_steps,
         logging_first_step=True,
-        eval_strategy="steps" if (has_eval and section.eval_steps) else "no",
-        eval_steps=section.eval_steps,
+        # With held-out data: evaluate every eval_steps (null: EVALS_PER_RUN times over the run) and at
+        # the end; each evaluation also writes a checkpoint (keep_best_callback), the best is exported.
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=auto_steps(section.eval_steps),
         save_strategy="steps",
-        save_steps=section.save_steps,
+        # save_steps null: with the evaluations, or EVALS_PER_RUN times over a run without held-out data
+        save_steps=auto_steps(section.eval_steps if section.save_steps is None and has_eval else section.save_steps),
         save_total_limit=section.save_total_limit,
         report_to=report_to(cfg, stage),
         seed=cfg.seed,
@@ -132,7 +137,9 @@ def incomplete_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def callbacks(cfg: PipelineConfig, stage: str) -> list:
-    return [metrics_callback(cfg.stage_dir(stage) / "metrics.jsonl"), divergence_callback(cfg, stage)]
+    section = getattr(cfg, stage)
+    return [metrics_callback(cfg.stage_dir(stage) / "metrics.jsonl"), divergence_callback(cfg, stage),
+            keep_best_callback(CRITERION[stage], section.early_stopping_patience)]
 
 
 def divergence_callback(cfg: PipelineConfig, stage: str):

@@ -4,6 +4,8 @@ A stage is up to date when its manifest says `done` with the current config hash
 current hashes of its upstream stages (rlhf.runs.stage_state). `--from STAGE` reruns from a
 stage on, `--only STAGE` runs one, `--force` ignores the manifests. A failing stage stops the
 pipeline and leaves the earlier stages intact; rerunning continues from its last checkpoint.
+Before PPO starts, the reward model's held-out accuracy must pass `rm.min_accuracy`
+(rlhf.rm_gate); otherwise run-all stops with that error, the SFT and RM stages kept.
 After the stages, `rlhf eval` runs (when `eval.enabled`, and not with `--only`) unless its
 eval.json is current and no stage ran.
 """
@@ -16,6 +18,7 @@ import sys
 from rlhf.config import STAGES, PipelineConfig
 from rlhf.errors import UserError
 from rlhf.launch import check_launch, needs_accelerate
+from rlhf.rm_gate import check_before_ppo
 from rlhf.runs import stage_state
 
 
@@ -52,6 +55,10 @@ def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: 
         if getattr(cfg, stage) is not None and stage not in running:
             echo(f"{stage}: up to date, skipped ({cfg.stage_dir(stage)})")
     for stage, reason in todo:
+        if stage == "ppo" and stage_state(cfg, "rm").status == "done":
+            # The RM is trained by now: its quality gate, before PPO's process starts (a missing or stale
+            # RM is PPO's own error). The PPO process itself warns about an unchecked RM.
+            check_before_ppo(cfg, warn=False)
         echo(f"{stage}: running ({reason})")
         status = _run_command(stage, config_path, overrides)
         if status != 0:

@@ -169,7 +169,7 @@ def plot_ppo_length(rows: list[dict[str, Any]], path: Path) -> bool:
 def plot_rm_accuracy(rows: list[dict[str, Any]], path: Path, final: dict[str, Any] | None) -> bool:
     """Per-batch training accuracy (TRL's `accuracy`, ties count 0), held-out accuracy when the
     Trainer evaluated during training (`eval_pairs_accuracy` rows before the last, ties 0.5),
-    and the final held-out accuracy of rm/eval.json."""
+    and the held-out accuracy of the exported model (rm/eval.json) at its step."""
     t_steps, train = series([r for r in rows if "loss" in r], "accuracy")
     # held-out evaluations during training; the final one (written with train_pairs_* beside it) is the star
     e_steps, held = series([r for r in rows if "train_pairs_accuracy" not in r], "eval_pairs_accuracy")
@@ -189,10 +189,13 @@ def plot_rm_accuracy(rows: list[dict[str, Any]], path: Path, final: dict[str, An
     if e_steps:
         ax.plot(e_steps, held, "s-", color="tab:green", label="held-out pairs")
     if final_acc is not None:
-        x = (final or {}).get("global_step") or (e_steps or t_steps or [0])[-1]
+        # the exported model is the best evaluated checkpoint's (rlhf.best_checkpoint), not the last step's
+        best = (final or {}).get("best_step")
+        x = best or (final or {}).get("global_step") or (e_steps or t_steps or [0])[-1]
         n = (final or {}).get("n_pairs")
         ax.plot([x], [final_acc], "*", ms=14, color="darkgreen", zorder=5,
-                label=f"final held-out: {final_acc:.3f}" + (f" ({n} pairs)" if n else ""))
+                label=(f"exported (step {best})" if best else "final") + f" held-out: {final_acc:.3f}"
+                + (f" ({n} pairs)" if n else ""))
     ax.axhline(0.5, color="black", lw=0.8, ls=":", label="chance (0.5)")
     ax.set_ylim(-0.02, 1.02)
     ax.legend(fontsize=8, loc="lower right")

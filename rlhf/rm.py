@@ -31,9 +31,17 @@ Outputs under runs/<name>/rm/:
               (num_labels=1, `config.pad_token_id` set) with the tokenizer;
 - eval.json   held-out pair metrics (see `pairwise_metrics`), the same on the training pairs, and
               `score_mean`/`score_std` over all training responses (chosen and rejected) — PPO
-              subtracts `score_mean` so that the SFT policy scores about 0;
+              subtracts `score_mean` so that the SFT policy scores about 0 — all of the exported
+              model; with held-out pairs also `best_step`, `last_step`, `selected_by` and `curve`
+              ({step, accuracy, loss} of every evaluation during training);
 - manifest.json, metrics.jsonl (trainer logs, plus the final held-out metrics as `eval_pairs_*`),
   checkpoints/ (for resume).
+
+Which checkpoint is exported: with held-out pairs the trainer evaluates about 8 times per run
+(`rm.eval_steps`), checkpointing each time, and the checkpoint of highest held-out pair accuracy
+(ties between checkpoints: lower held-out loss) becomes adapter/ and model/ (rlhf.best_checkpoint);
+`rm.early_stopping_patience` ends the run after that many evaluations without a new best. PPO
+checks the exported model's held-out accuracy against `rm.min_accuracy` first (rlhf.rm_gate).
 
 Accuracy counts a pair as 1 when r_chosen > r_rejected, 0 when r_chosen < r_rejected and 0.5 on
 an exact tie (a tie is a coin flip, so an RM that outputs a constant scores 0.5, not 0 or 1).
@@ -55,11 +63,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from rlhf import best_checkpoint
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, rm_data
 from rlhf.errors import UserError
-from rlhf.hf_trainer import callbacks, export_merged, final_metrics, resume_checkpoint, save_adapter, trainer_kwargs
+from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
 from rlhf.models import load_tokenizer, lora_config, model_kwargs
+from rlhf.rm_gate import gate_verdict
 from rlhf.runs import (
     begin_stage, fail_stage, finish_stage, read_manifest, require_upstream, stage_state, write_json_atomically,
 )
@@ -371,9 +381,12 @@ def run(cfg: PipelineConfig) -> Path:
             compute_metrics=_compute_metrics, preprocess_logits_for_metrics=_pair_logits,
         )
         _check_head_not_adapted(trainer.model)
-        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, STAGE))
-        save_adapter(trainer, stage_dir / "adapter")
+        criterion = CRITERION[STAGE]
+        best_checkpoint.train(trainer, resume_checkpoint(cfg, STAGE), criterion, cfg.rm.early_stopping_patience)
+        # The checkpoint of best held-out pair accuracy (the last state without held-out pairs).
+        best_checkpoint.export_adapter(trainer, stage_dir / "adapter", criterion)
         metrics = final_metrics(trainer, None)
+        selection = best_checkpoint.selection_report(trainer, criterion)
         device = trainer.args.device
         del trainer, model
         gc.collect()
@@ -385,7 +398,7 @@ def run(cfg: PipelineConfig) -> Path:
                 export_merged(cfg, sft_model, stage_dir / "adapter", stage_dir / "model",
                               AutoModelForSequenceClassification, tokenizer, num_labels=1,
                               pad_token_id=tokenizer.pad_token_id)
-            metrics.update(_evaluate(cfg, stage_dir, data, device, metrics["global_step"]))
+            metrics.update(_evaluate(cfg, stage_dir, data, device, metrics["global_step"], selection))
             metrics["data"] = data.report
             metrics["conversational"] = data.conversational
             finish_stage(cfg, STAGE, manifest, metrics, {
@@ -400,9 +413,11 @@ def run(cfg: PipelineConfig) -> Path:
     return stage_dir / "model"
 
 
-def _evaluate(cfg: PipelineConfig, stage_dir: Path, data, device, step: int) -> dict[str, Any]:
+def _evaluate(cfg: PipelineConfig, stage_dir: Path, data, device, step: int,
+              selection: dict[str, Any]) -> dict[str, Any]:
     """Score held-out and training pairs with the exported rm/model (what PPO and users will load);
-    write eval.json and the metrics line; return the manifest metrics."""
+    write eval.json (with `selection`: the best step and the accuracy curve) and the metrics line;
+    return the manifest metrics."""
     from rlhf.models import torch_dtype
 
     model, tokenizer = load_reward_model(stage_dir / "model", dtype=torch_dtype(cfg.model), device=device)
@@ -416,7 +431,7 @@ def _evaluate(cfg: PipelineConfig, stage_dir: Path, data, device, step: int) -> 
         held = pairwise_metrics(*score_pairs(model, tokenizer, data.eval, batch))
     del model
     report = {**(held or {"n_pairs": 0}), **norm, "train": train, "global_step": step,
-              "ties_count_as": 0.5, "std": "population (ddof=0)"}
+              "ties_count_as": 0.5, "std": "population (ddof=0)", **selection}
     write_json_atomically(stage_dir / EVAL_FILE, report)
     line = {f"eval_{EVAL_PREFIX}{k}": v for k, v in (held or {}).items()}
     line.update({f"train_{EVAL_PREFIX}{k}": v for k, v in train.items()})
@@ -428,4 +443,9 @@ def _evaluate(cfg: PipelineConfig, stage_dir: Path, data, device, step: int) -> 
     out = {f"eval_{k}": v for k, v in (held or {}).items()}
     out.update({f"train_{k}": v for k, v in train.items() if k in ("accuracy", "margin_mean", "n_pairs")})
     out.update(norm)
+    if selection:
+        out["best_step"] = selection["best_step"]
+    verdict = gate_verdict(held["accuracy"] if held else None, held["n_pairs"] if held else 0, cfg.rm.min_accuracy)
+    if not verdict.passed or not verdict.checked:
+        log.warning("%s", verdict.warning(cfg))
     return out

@@ -2,6 +2,10 @@
 
 Outputs under runs/<name>/sft/: adapter/ (LoRA), model/ (adapter merged into the base, a plain
 transformers folder), checkpoints/ (for resume), metrics.jsonl, manifest.json.
+
+With held-out data the exported adapter is the evaluated checkpoint of lowest held-out loss
+(rlhf.best_checkpoint); the manifest's metrics record `eval_loss` (that checkpoint's),
+`best_step` and `eval_curve` ({step, loss} per evaluation).
 """
 
 from __future__ import annotations
@@ -9,9 +13,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from rlhf import best_checkpoint
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, sft_data
-from rlhf.hf_trainer import callbacks, export_merged, final_metrics, resume_checkpoint, save_adapter, trainer_kwargs
+from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
 from rlhf.models import load_tokenizer, lora_config, model_kwargs, resolve_model
 from rlhf.runs import begin_stage, fail_stage, finish_stage
 
@@ -43,12 +48,18 @@ def run(cfg: PipelineConfig) -> Path:
             model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
             peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=callbacks(cfg, STAGE),
         )
-        trainer.train(resume_from_checkpoint=resume_checkpoint(cfg, STAGE))
-        eval_metrics = trainer.evaluate() if data.eval is not None else None
-        save_adapter(trainer, stage_dir / "adapter")
+        criterion = CRITERION[STAGE]
+        best_checkpoint.train(trainer, resume_checkpoint(cfg, STAGE), criterion, cfg.sft.early_stopping_patience)
+        # The checkpoint of lowest held-out loss (the last state without held-out data).
+        best_checkpoint.export_adapter(trainer, stage_dir / "adapter", criterion)
         if is_main:
             export_merged(cfg, base_path, stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)
-            metrics = final_metrics(trainer, eval_metrics)
+            best = best_checkpoint.best_evaluation(trainer, criterion)
+            metrics = final_metrics(trainer, {"eval_loss": best["eval_loss"]} if best else None)
+            selection = best_checkpoint.selection_report(trainer, criterion)
+            if selection:
+                metrics.update(best_step=selection["best_step"], selected_by=selection["selected_by"],
+                               eval_curve=selection["curve"])
             metrics["data"] = data.report
             finish_stage(cfg, STAGE, manifest, metrics, {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
         PartialState().wait_for_everyone()

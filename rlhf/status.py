@@ -2,18 +2,21 @@
 
 For every stage: its state relative to the current config (done / stale and why / missing /
 running or interrupted / failed — rlhf.runs.stage_state decides, this module only adds what a
-person wants to see beside it), the step of its latest checkpoint, a few key metrics and where
-its outputs are. Reading only: nothing here loads a model or writes a file.
+person wants to see beside it), the step of its latest checkpoint, a few key metrics (for the
+reward model, the verdict of PPO's quality gate, rlhf.rm_gate) and where its outputs are.
+Reading only: nothing here loads a model or writes a file.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rlhf.config import STAGES, PipelineConfig
+from rlhf.rm_gate import read_verdict
 from rlhf.runs import stage_state
 from rlhf.tracking import METRICS_FILE, read_metrics
 
@@ -33,6 +36,7 @@ class StageRow:
     checkpoint: str = ""  # "step N" of the latest checkpoint, "" when none
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    gate: str = ""  # rm: the PPO quality gate's verdict (rlhf.rm_gate), shown with the metrics
 
 
 def latest_checkpoint_step(stage_dir: Path, stage: str) -> int | None:
@@ -53,8 +57,8 @@ def _last(rows: list[dict[str, Any]], key: str) -> float | None:
 
 
 def key_metrics(stage: str, stage_dir: Path, manifest: dict[str, Any] | None) -> dict[str, float]:
-    """The few numbers that say how a stage went: from metrics.jsonl (so an interrupted stage shows
-    its progress), falling back to the manifest's final metrics."""
+    """The few numbers that say how a stage went: a finished stage's final metrics from its manifest;
+    an unfinished one's from metrics.jsonl (so an interrupted stage shows its progress)."""
     rows = read_metrics(stage_dir / METRICS_FILE)
     final = (manifest or {}).get("metrics") or {}
     wanted = {
@@ -64,11 +68,15 @@ def key_metrics(stage: str, stage_dir: Path, manifest: dict[str, Any] | None) ->
         "ppo": {"score": ("objective/scores", "objective/scores"), "KL": ("objective/kl", "objective/kl"),
                 "length": ("response/length_mean", "response/length_mean")},
     }[stage]
+    done = (manifest or {}).get("status") == "done"
     out = {}
     for label, (row_key, manifest_key) in wanted.items():
-        value = _last(rows, row_key)
-        if value is None and isinstance(final.get(manifest_key), (int, float)):
-            value = float(final[manifest_key])
+        recorded = float(final[manifest_key]) if isinstance(final.get(manifest_key), (int, float)) else None
+        # A finished stage shows its exported model's figures (SFT/RM export their best checkpoint,
+        # not the last one evaluated); an unfinished one its progress.
+        value = recorded if done and recorded is not None else _last(rows, row_key)
+        if value is None:
+            value = recorded
         if value is not None:
             out[label] = value
     return out
@@ -92,11 +100,25 @@ def stage_rows(cfg: PipelineConfig) -> list[StageRow]:
             reason = "manifest says running: still running, or killed (rerun to resume)"
         checkpoint = ""
         if step is not None:
-            total = cfg.ppo.steps if stage == "ppo" else getattr(cfg, stage).max_steps
+            total = cfg.ppo.steps if stage == "ppo" else trainer_total_steps(stage_dir, step)
             checkpoint = f"step {step}" + (f"/{total}" if total and total > 0 else "")
         outputs = _outputs(stage_dir, (state.manifest or {}).get("outputs") or {})
-        rows.append(StageRow(stage, status, reason, checkpoint, key_metrics(stage, stage_dir, state.manifest), outputs))
+        gate = ""
+        if stage == "rm" and status in ("done", "stale"):
+            verdict = read_verdict(cfg)
+            gate = verdict.summary() if verdict is not None else ""
+        rows.append(StageRow(stage, status, reason, checkpoint, key_metrics(stage, stage_dir, state.manifest), outputs,
+                             gate))
     return rows
+
+
+def trainer_total_steps(stage_dir: Path, step: int) -> int | None:
+    """The length of an SFT/RM run in optimizer steps, as its Trainer computed it from the epochs
+    (trainer_state.json of checkpoint-`step`), or None."""
+    try:
+        return int(json.loads((stage_dir / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json").read_text())["max_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _outputs(stage_dir: Path, recorded: dict[str, str]) -> list[str]:
@@ -117,6 +139,12 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _metric_lines(row: StageRow) -> list[str]:
+    """The metrics cell: one line per metric; for the RM the gate's verdict replaces the bare accuracy."""
+    lines = [f"{k} {_fmt(v)}" for k, v in row.metrics.items() if not (row.gate and k == "eval accuracy")]
+    return ([row.gate] if row.gate else []) + lines
+
+
 def render(cfg: PipelineConfig, rows: list[StageRow]):
     """A rich Table of the rows."""
     from rich.table import Table
@@ -128,7 +156,8 @@ def render(cfg: PipelineConfig, rows: list[StageRow]):
         shown = SHOWN.get(row.state, row.state)
         table.add_row(
             row.stage, f"[{STYLE.get(row.state, '')}]{shown}[/]", row.reason, row.checkpoint,
-            "\n".join(f"{k} {_fmt(v)}" for k, v in row.metrics.items()), "\n".join(row.outputs),
+            "\n".join(_metric_lines(row)),
+            "\n".join(row.outputs),
         )
     return table
 

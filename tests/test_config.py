@@ -237,6 +237,9 @@ def test_stage_hash_is_stable(base_hashes):
         ("sft.learning_rate=5e-4", {"sft", "rm", "ppo"}),
         ("sft.data.max_rows=16", {"sft", "rm", "ppo"}),
         ("rm.learning_rate=5e-4", {"rm", "ppo"}),
+        # the evaluations choose the exported checkpoint
+        ("rm.eval_steps=1", {"rm", "ppo"}),
+        ("sft.early_stopping_patience=2", {"sft", "rm", "ppo"}),
         ("ppo.kl_coef=0.1", {"ppo"}),
         ("model.dtype=bfloat16", {"sft", "rm", "ppo"}),
         ("lora.r=4", {"sft", "rm", "ppo"}),
@@ -244,7 +247,10 @@ def test_stage_hash_is_stable(base_hashes):
         # fields that do not change what a stage produces
         ("sft.logging_steps=3", set()),
         ("sft.save_steps=7", set()),
-        ("rm.eval_steps=2", set()),
+        ("rm.save_steps=3", set()),
+        ("rm.save_total_limit=1", set()),
+        ("rm.min_accuracy=0.9", set()),  # gates PPO, changes no stage's output: nothing goes stale
+        ("rm.min_accuracy=null", set()),
         ("ppo.sample_every=1", set()),
         ("tracking.backend=wandb", set()),
         ("tracking.project=other", set()),

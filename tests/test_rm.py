@@ -130,6 +130,9 @@ def test_rm_stage_writes_outputs(tiny_rm_run):
     report = json.loads((stage / "eval.json").read_text())
     assert report["n_pairs"] == 100 and 0 <= report["accuracy"] <= 1 and report["accuracy"] == metrics["eval_accuracy"]
     assert report["score_mean"] == metrics["score_mean"] and report["train"]["n_pairs"] == 32
+    # evaluations at steps 2 and 4 (rm.eval_steps 2): the curve, and which one was exported
+    assert [r["step"] for r in report["curve"]] == [2, 4] and report["best_step"] in (2, 4)
+    assert report["last_step"] == 4 and metrics["best_step"] == report["best_step"]
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r for r in rows)
     assert rows[-1]["eval_pairs_accuracy"] == report["accuracy"] and "score_mean" in rows[-1]

@@ -91,6 +91,9 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     if cfg.ppo is None:
         raise UserError(f"{cfg.source}: no 'ppo' section; add one to run the PPO stage")
     require_upstream(cfg, STAGE)
+    from rlhf.rm_gate import check_before_ppo
+
+    check_before_ppo(cfg)  # an RM at chance would make PPO optimise noise: stop before loading a model
     state = _processes()
     is_main = state.is_main_process
     stage_dir = cfg.stage_dir(STAGE)
