@@ -37,7 +37,7 @@ SEED = "rlhf-demo-v1"
 EVAL_FRACTION = 0.15
 
 # Target sizes (upper bounds; a split gets fewer rows when the corpus has fewer).
-SFT_TRAIN_SIZE = 480
+SFT_TRAIN_SIZE = 240  # two epochs of 30 steps of 8
 SFT_EVAL_SIZE = 60
 RM_TRAIN_SIZE = 320  # two epochs of 40 steps of 8 pairs: the RM stage of `make run` stays within minutes
 RM_EVAL_SIZE = 100

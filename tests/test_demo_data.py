@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo"
 FILES = ("sft_train", "sft_eval", "rm_train", "rm_eval", "ppo_train", "ppo_eval")
 SIZES = {
-    "sft_train": (300, 600),
+    "sft_train": (200, 600),
     "sft_eval": (40, 100),
     "rm_train": (250, 800),
     "rm_eval": (80, 150),
