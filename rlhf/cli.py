@@ -50,6 +50,13 @@ def setup_logging() -> None:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) > 0:
+        logging.getLogger("rlhf").setLevel(logging.WARNING)  # multi-process: the main process tells the story
+    import warnings
+
+    # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` property
+    # (every time we wrap a model in LoRA); nothing in our code or config can avoid that read.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _end_progress_line() -> None:
@@ -227,6 +234,9 @@ def run_all(
     fresh: Annotated[bool, typer.Option("--fresh", help=(
         "Start every stage (from --from on) over: delete its checkpoints, then rerun as --force does, "
         "training from step 0."))] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
+        "Show every library's output live (warnings, progress bars, banners); by default it goes to "
+        "runs/<name>/<stage>/log.txt and the terminal gets our lines only."))] = False,
 ) -> None:
     """Run sft -> rm -> ppo, each in a fresh process, skipping stages that are up to date."""
     from rlhf.pipeline import plan
@@ -240,7 +250,8 @@ def run_all(
 
         for stage, _ in plan(cfg, from_, only, force=True):
             shutil.rmtree(cfg.stage_dir(stage) / "checkpoints", ignore_errors=True)
-    run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force or fresh, echo=typer.echo)
+    run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force or fresh, echo=typer.echo,
+                 verbose=verbose)
 
 
 @app.command(epilog=EXIT_STATUSES)
