@@ -24,7 +24,7 @@ from typing import Any, Callable
 from rlhf.config import PipelineConfig
 
 LOG_FILE = "log.txt"
-OUR_LINE = re.compile(r"^(INFO|WARNING|ERROR|CRITICAL) rlhf[\w.]*: |^(WARNING|ERROR|CRITICAL) |^error: |^warning: ")
+OUR_LINE = re.compile(r"^(INFO|WARNING|ERROR|CRITICAL) rlhf[\w.]*: |^(WARNING|ERROR|CRITICAL) |^error: |^warning: |^launching: ")
 BAR = re.compile(r"^\s*(?P<desc>[^|\r\n]*?):?\s*\d+%\|")
 # Other libraries' bars: datasets' map/filter passes, weight loading and shard writing.
 FOREIGN_BARS = re.compile(r"dataset|^Map|^Filter|Loading|Writing|shards|checkpoint|Generating|Fetching", re.I)

@@ -72,7 +72,7 @@ def _run_stages(cfg, config_path, overrides, start, only, force, echo, verbose, 
     for stage, reason in todo:
         echo(f"{stage}: running ({reason}); full output in {cfg.stage_dir(stage) / LOG_FILE}")
         t0 = time.monotonic()
-        status = _run_command(stage, config_path, overrides, log_path=cfg.stage_dir(stage) / LOG_FILE, verbose=verbose)
+        status = _run_command(stage, config_path, overrides, cfg.stage_dir(stage) / LOG_FILE, verbose)
         results.append({"stage": stage, "state": "ran" if status == 0 else "failed", "seconds": time.monotonic() - t0})
         if status != 0:
             raise StageFailed(f"the {stage} stage failed (exit status {status}); earlier stages are kept. "
@@ -101,7 +101,7 @@ def _run_eval(cfg: PipelineConfig, config_path: str, overrides: list[str], rerun
     log_path = cfg.stage_dir("eval") / LOG_FILE
     echo(f"eval: running ({'a stage ran' if rerun else reason}); full output in {log_path}")
     t0 = time.monotonic()
-    status = _run_command("eval", config_path, overrides, log_path=log_path, verbose=verbose)
+    status = _run_command("eval", config_path, overrides, log_path, verbose)
     if results is not None:
         results.append({"stage": "eval", "state": "ran" if status == 0 else "failed", "seconds": time.monotonic() - t0})
     if status != 0:
