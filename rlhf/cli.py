@@ -19,12 +19,28 @@ import typer
 from rlhf.config import PipelineConfig, load_config
 from rlhf.errors import UserError
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-    help="RLHF pipeline: SFT -> reward model -> PPO, on LoRA adapters.",
-)
+EXIT_STATUSES = """Exit status: 0 done; 1 a crash (a bug: it keeps its traceback) or a stage killed by a signal;
+2 a user mistake (config, data, arguments, a missing upstream stage, a reward model that fails the gate before
+PPO: one `error:` line per problem);
+3 training diverged (NaN/inf; the last good checkpoint is kept). run-all exits with the failed stage's status."""
 
-ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="Pipeline file (YAML).")]
+app = typer.Typer(
+    no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="RLHF pipeline: SFT -> reward model -> PPO, on LoRA adapters.\n\n"
+         "Every command reads ./pipeline.yaml unless --config names another file.",
+    epilog=EXIT_STATUSES,
+)
+DEFAULT_CONFIG = "pipeline.yaml"
+STAGE_CHOICES = ("sft", "rm", "ppo")
+
+
+def _complete_stage(incomplete: str) -> list[str]:
+    return [s for s in STAGE_CHOICES if s.startswith(incomplete)]
+
+
+ConfigOpt = Annotated[Optional[str], typer.Option(
+    "--config", "-c", metavar="FILE", help=f"Pipeline file (YAML). Default: ./{DEFAULT_CONFIG} when it exists.",
+    show_default=False)]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a config field, e.g. --set ppo.kl_coef=0.02 (repeatable).")
 ]
@@ -35,6 +51,13 @@ def setup_logging() -> None:
                         stream=sys.stderr)
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0) > 0:
+        logging.getLogger("rlhf").setLevel(logging.WARNING)  # multi-process: the main process tells the story
+    import warnings
+
+    # peft's PeftModel.__init__ reads transformers' deprecated `is_gradient_checkpointing` property
+    # (every time we wrap a model in LoRA); nothing in our code or config can avoid that read.
+    warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _end_progress_line() -> None:
@@ -73,16 +96,43 @@ def friendly_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _load(config: str, overrides: list[str] | None) -> PipelineConfig:
+def config_file(config: str | None) -> str:
+    """The --config value, or ./pipeline.yaml when none was given and it exists."""
+    if config is not None:
+        return config
+    if Path(DEFAULT_CONFIG).is_file():
+        return DEFAULT_CONFIG
+    raise UserError(f"no --config given and no {DEFAULT_CONFIG} in {Path.cwd()}; pass --config FILE "
+                    "(e.g. --config configs/tiny.yaml)")
+
+
+def _load(config: str | None, overrides: list[str] | None) -> PipelineConfig:
     setup_logging()
-    return load_config(config, overrides or [])
+    return load_config(config_file(config), overrides or [])
 
 
-@app.command()
+def _version(value: bool) -> None:
+    if value:
+        from rlhf import __version__
+
+        typer.echo(f"rlhf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback(epilog=EXIT_STATUSES)
+def _main(version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")] = None) -> None:
+    """RLHF pipeline: SFT -> reward model -> PPO, on LoRA adapters.
+
+    Every command reads ./pipeline.yaml unless --config names another file."""
+
+
+@app.command(epilog=EXIT_STATUSES)
 @friendly_errors
-def validate(config: ConfigOpt, set_: SetOpt = None) -> None:
+def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Check the config, the data sets' columns and the model reference, without training."""
-    check_all(_load(config, set_), config, typer.echo)
+    cfg = _load(config, set_)
+    check_all(cfg, config_file(config), typer.echo)
 
 
 def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> None:
@@ -137,10 +187,10 @@ def check_writable(cfg: PipelineConfig) -> None:
 
 def _stage_command(stage: str) -> Callable:
     @friendly_errors
-    def command(config: ConfigOpt, set_: SetOpt = None) -> None:
+    def command(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         from rlhf.launch import run_stage
 
-        run_stage(stage, _load(config, set_), config, set_ or [])
+        run_stage(stage, _load(config, set_), config_file(config), set_ or [])
 
     command.__doc__ = {
         "sft": "Stage 1: supervised fine-tuning (LoRA), resuming from its last checkpoint if interrupted.",
@@ -149,13 +199,13 @@ def _stage_command(stage: str) -> Callable:
     return command
 
 
-app.command("sft")(_stage_command("sft"))
-app.command("rm")(_stage_command("rm"))
+app.command("sft", epilog=EXIT_STATUSES)(_stage_command("sft"))
+app.command("rm", epilog=EXIT_STATUSES)(_stage_command("rm"))
 
 
-@app.command()
+@app.command(epilog=EXIT_STATUSES)
 @friendly_errors
-def ppo(config: ConfigOpt, set_: SetOpt = None,
+def ppo(config: ConfigOpt = None, set_: SetOpt = None,
         fresh: Annotated[bool, typer.Option("--fresh", help="Discard PPO checkpoints and start from step 0.")] = False) -> None:
     """Stage 3: PPO against the reward model, resuming from its latest checkpoint unless --fresh."""
     import shutil
@@ -165,32 +215,52 @@ def ppo(config: ConfigOpt, set_: SetOpt = None,
     cfg = _load(config, set_)
     if fresh:
         shutil.rmtree(cfg.stage_dir("ppo") / "checkpoints", ignore_errors=True)
-    run_stage("ppo", cfg, config, set_ or [])
+    run_stage("ppo", cfg, config_file(config), set_ or [])
 
 
-@app.command("run-all")
+@app.command("run-all", epilog=EXIT_STATUSES)
 @friendly_errors
 def run_all(
-    config: ConfigOpt,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
-    from_: Annotated[Optional[str], typer.Option("--from", help="Rerun from this stage on (sft, rm, ppo).")] = None,
-    only: Annotated[Optional[str], typer.Option("--only", help="Run only this stage.")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Rerun every stage, ignoring manifests.")] = False,
+    from_: Annotated[Optional[str], typer.Option(
+        "--from", metavar="[sft|rm|ppo]", autocompletion=_complete_stage,
+        help="Rerun from this stage on: sft, rm or ppo.")] = None,
+    only: Annotated[Optional[str], typer.Option(
+        "--only", metavar="[sft|rm|ppo]", autocompletion=_complete_stage,
+        help="Run only this stage: sft, rm or ppo.")] = None,
+    force: Annotated[bool, typer.Option("--force", help=(
+        "Rerun every stage (from --from on), ignoring manifests; a stage still resumes from checkpoints "
+        "of its current config, so training done already is not redone."))] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help=(
+        "Start every stage (from --from on) over: delete its checkpoints, then rerun as --force does, "
+        "training from step 0."))] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help=(
+        "Show every library's output live (warnings, progress bars, banners); by default it goes to "
+        "runs/<name>/<stage>/log.txt and the terminal gets our lines only."))] = False,
 ) -> None:
     """Run sft -> rm -> ppo, each in a fresh process, skipping stages that are up to date."""
+    from rlhf.pipeline import plan
     from rlhf.pipeline import run_all as run_pipeline
 
     cfg = _load(config, set_)
+    config = config_file(config)
     check_all(cfg, config, typer.echo)  # a mistake costs seconds: found before any stage loads a model
-    run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force, echo=typer.echo)
+    if fresh:
+        import shutil
+
+        for stage, _ in plan(cfg, from_, only, force=True):
+            shutil.rmtree(cfg.stage_dir(stage) / "checkpoints", ignore_errors=True)
+    run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force or fresh, echo=typer.echo,
+                 verbose=verbose)
 
 
-@app.command()
+@app.command(epilog=EXIT_STATUSES)
 @friendly_errors
 def score(
-    config: ConfigOpt,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user turn for conversational RMs).")],
     response: Annotated[list[str], typer.Option("--response", "-r", help="A response to score (repeatable).")],
+    config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Print the reward model's score (rm/model) for each response to a prompt."""
@@ -200,18 +270,18 @@ def score(
         typer.echo(line)
 
 
-@app.command()
+@app.command(epilog=EXIT_STATUSES)
 @friendly_errors
-def status(config: ConfigOpt, set_: SetOpt = None) -> None:
+def status(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Show each stage: done / stale (which keys changed) / missing / running or interrupted, with metrics."""
     from rlhf.status import print_status
 
     print_status(_load(config, set_))
 
 
-@app.command()
+@app.command(epilog=EXIT_STATUSES)
 @friendly_errors
-def report(config: ConfigOpt, set_: SetOpt = None) -> None:
+def report(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Write PNG plots (reward, KL, response length, RM accuracy, SFT loss) and eval/report.html."""
     from rlhf.report import write_report
 
@@ -219,9 +289,9 @@ def report(config: ConfigOpt, set_: SetOpt = None) -> None:
     typer.echo(f"report: {out}")
 
 
-@app.command("eval")
+@app.command("eval", epilog=EXIT_STATUSES)
 @friendly_errors
-def eval_(config: ConfigOpt, set_: SetOpt = None) -> None:
+def eval_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Evaluate the finished stages: RM held-out accuracy, PPO vs SFT win rate and KL, over-optimisation curve."""
     import json
 
@@ -232,21 +302,43 @@ def eval_(config: ConfigOpt, set_: SetOpt = None) -> None:
         typer.echo(line)
 
 
-@app.command()
+@app.command(epilog=EXIT_STATUSES)
 @friendly_errors
 def generate(
-    config: ConfigOpt,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user turn when the model has a chat template).")],
-    stage: Annotated[str, typer.Option("--stage", help="Which stage's model: sft or ppo.")] = "ppo",
+    stage: Annotated[str, typer.Option("--stage", metavar="[sft|ppo]", autocompletion=lambda incomplete: [
+        s for s in ("sft", "ppo") if s.startswith(incomplete)], help="Which stage's model: sft or ppo.")] = "ppo",
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Default: ppo.response_length.")] = None,
     temperature: Annotated[Optional[float], typer.Option("--temperature", help="0 = greedy. Default: ppo.temperature.")] = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Sampling seed. Default: the config's seed.")] = None,
+    config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Print one response from a stage's merged model (sft/model or ppo/model) to a prompt."""
     from rlhf.evaluate import generate_text
 
     typer.echo(generate_text(_load(config, set_), stage, prompt, max_new_tokens, temperature, seed))
+
+
+@app.command(epilog=EXIT_STATUSES)
+@friendly_errors
+def export(
+    stage: Annotated[str, typer.Option("--stage", metavar="[sft|rm|ppo]", autocompletion=_complete_stage,
+                                       help="Which stage's merged model: sft, rm or ppo.")],
+    to: Annotated[str, typer.Option("--to", help="A new (or empty) folder for the copy.")],
+    push_to_hub: Annotated[Optional[str], typer.Option(
+        "--push-to-hub", metavar="REPO", help="Also upload the copy to this hub model repo (needs the network and a token).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="Create the hub repo as private.")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Copy a stage's merged model (runs/<name>/<stage>/model) with its model card, optionally to the hub."""
+    from rlhf.export import export_stage
+
+    if stage not in STAGE_CHOICES:
+        raise UserError(f"--stage {stage}: choose one of {', '.join(STAGE_CHOICES)}")
+    out = export_stage(_load(config, set_), stage, to, push_to_hub, private=private)
+    typer.echo(f"export: {out}" + (f" (pushed to https://huggingface.co/{push_to_hub})" if push_to_hub else ""))
 
 
 @app.command("config-reference")

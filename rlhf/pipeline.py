@@ -45,7 +45,24 @@ def plan(cfg: PipelineConfig, start: str | None = None, only: str | None = None,
 
 
 def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: str | None = None,
-            only: str | None = None, force: bool = False, echo=print) -> None:
+            only: str | None = None, force: bool = False, echo=print, verbose: bool = False) -> None:
+    """Other libraries' output goes to each stage's log.txt (and to the terminal with `verbose`);
+    a summary table closes the run, also when a stage failed (rlhf.console)."""
+    from rlhf.console import print_lines, summary_lines
+
+    results: list[dict] = []
+    try:
+        _run_stages(cfg, config_path, overrides, start, only, force, echo, verbose, results)
+    finally:
+        if results:
+            print_lines(summary_lines(cfg, results), echo)
+
+
+def _run_stages(cfg, config_path, overrides, start, only, force, echo, verbose, results: list[dict]) -> None:
+    import time
+
+    from rlhf.console import LOG_FILE, closing_line
+
     todo = plan(cfg, start, only, force)
     if needs_accelerate(cfg):  # e.g. PPO under a ZeRO config: say so before SFT spends an hour
         for stage, _ in todo:
@@ -54,22 +71,26 @@ def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: 
     for stage in STAGES:
         if getattr(cfg, stage) is not None and stage not in running:
             echo(f"{stage}: up to date, skipped ({cfg.stage_dir(stage)})")
+            results.append({"stage": stage, "state": "skipped", "seconds": None})
     for stage, reason in todo:
         if stage == "ppo" and stage_state(cfg, "rm").status == "done":
             # The RM is trained by now: its quality gate, before PPO's process starts (a missing or stale
             # RM is PPO's own error). The PPO process itself warns about an unchecked RM.
             check_before_ppo(cfg, warn=False)
-        echo(f"{stage}: running ({reason})")
-        status = _run_command(stage, config_path, overrides)
+        echo(f"{stage}: running ({reason}); full output in {cfg.stage_dir(stage) / LOG_FILE}")
+        t0 = time.monotonic()
+        status = _run_command(stage, config_path, overrides, cfg.stage_dir(stage) / LOG_FILE, verbose)
+        results.append({"stage": stage, "state": "ran" if status == 0 else "failed", "seconds": time.monotonic() - t0})
         if status != 0:
             raise StageFailed(f"the {stage} stage failed (exit status {status}); earlier stages are kept. "
                               f"Fix the cause and rerun: it resumes from the last checkpoint", status)
-        echo(f"{stage}: done")
+        echo(closing_line(cfg, stage, results[-1]["seconds"]))
     if only is None and cfg.eval.enabled and cfg.rm is not None:
-        _run_eval(cfg, config_path, overrides, rerun=force or bool(todo), echo=echo)
+        _run_eval(cfg, config_path, overrides, rerun=force or bool(todo), echo=echo, verbose=verbose, results=results)
 
 
-def _run_eval(cfg: PipelineConfig, config_path: str, overrides: list[str], rerun: bool, echo) -> None:
+def _run_eval(cfg: PipelineConfig, config_path: str, overrides: list[str], rerun: bool, echo, verbose: bool = False,
+              results: list | None = None) -> None:
     """`rlhf eval` after the stages, in its own process like them; skipped when eval/eval.json was
     computed from the current stages and eval settings and no stage ran now."""
     from rlhf.evaluate import eval_state
@@ -77,13 +98,23 @@ def _run_eval(cfg: PipelineConfig, config_path: str, overrides: list[str], rerun
     up_to_date, reason = eval_state(cfg)
     if up_to_date and not rerun:
         echo(f"eval: up to date, skipped ({cfg.stage_dir('eval')})")
+        if results is not None:
+            results.append({"stage": "eval", "state": "skipped", "seconds": None})
         return
-    echo(f"eval: running ({'a stage ran' if rerun else reason})")
-    status = _run_command("eval", config_path, overrides)
+    import time
+
+    from rlhf.console import LOG_FILE, closing_line
+
+    log_path = cfg.stage_dir("eval") / LOG_FILE
+    echo(f"eval: running ({'a stage ran' if rerun else reason}); full output in {log_path}")
+    t0 = time.monotonic()
+    status = _run_command("eval", config_path, overrides, log_path, verbose)
+    if results is not None:
+        results.append({"stage": "eval", "state": "ran" if status == 0 else "failed", "seconds": time.monotonic() - t0})
     if status != 0:
         raise StageFailed(f"the evaluation failed (exit status {status}); the trained stages are kept. "
                           f"Fix the cause and run `rlhf eval --config {config_path}`", status)
-    echo("eval: done")
+    echo(closing_line(cfg, "eval", time.monotonic() - t0))
 
 
 class StageFailed(UserError):
@@ -95,9 +126,14 @@ class StageFailed(UserError):
         self.exit_code = status if status > 0 else 1
 
 
-def _run_command(command: str, config_path: str, overrides: list[str]) -> int:
-    """`rlhf COMMAND --config F --set ...` in a fresh process; returns its exit status."""
+def _run_command(command: str, config_path: str, overrides: list[str], log_path=None, verbose: bool = False) -> int:
+    """`rlhf COMMAND --config F --set ...` in a fresh process; returns its exit status. With a
+    `log_path` its output goes there, and to the terminal only our lines (rlhf.console)."""
     cmd = [sys.executable, "-m", "rlhf.cli", command, "--config", config_path]
     for item in overrides:
         cmd += ["--set", item]
+    if log_path is not None:
+        from rlhf.console import run_logged
+
+        return run_logged(cmd, log_path, verbose=verbose)
     return subprocess.run(cmd).returncode

@@ -249,6 +249,9 @@ def begin_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 def finish_stage(cfg: PipelineConfig, stage: str, manifest: dict[str, Any], metrics: dict[str, Any], outputs: dict[str, str]) -> None:
     """Mark a stage done; call only after every output has been written."""
     manifest = dict(manifest, status="done", finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), metrics=metrics, outputs=outputs)
+    from rlhf.model_card import write_stage_cards
+
+    write_stage_cards(cfg, stage, manifest)  # README.md in model/ and adapter/: the held-out figures are known now
     write_json_atomically(cfg.stage_dir(stage) / MANIFEST, manifest)
 
 

@@ -164,3 +164,56 @@ def test_run_all_exits_with_the_failed_stages_status(tmp_path, monkeypatch, stat
     assert calls == ["sft"]
     assert error_lines(result) == [f"error: the sft stage failed (exit status {status}); earlier stages are kept. "
                                    "Fix the cause and rerun: it resumes from the last checkpoint"]
+
+
+def test_version_and_exit_statuses_in_help():
+    from rlhf import __version__
+
+    assert cli("--version").stdout.strip() == f"rlhf {__version__}"
+    for command in ((), ("run-all",), ("sft",), ("eval",)):
+        text = " ".join(cli(*command, "--help").stdout.split())
+        assert "Exit status: 0 done; 1 a crash" in text and "2 a user mistake" in text and "3 training diverged" in text
+
+
+def test_config_defaults_to_pipeline_yaml_in_the_current_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = cli("validate")
+    assert result.exit_code == 2
+    assert error_lines(result) == [f"error: no --config given and no pipeline.yaml in {tmp_path}; pass --config FILE "
+                                   "(e.g. --config configs/tiny.yaml)"]
+    write_config(tmp_path, name="pipeline.yaml")
+    result = cli("validate")
+    assert result.exit_code == 0, result.output
+    assert "pipeline.yaml: valid" in result.stdout
+
+
+def test_stage_choices_in_help_and_shell_completion():
+    help_text = cli("run-all", "--help").stdout
+    assert "--from [sft|rm|ppo]" in help_text and "--only [sft|rm|ppo]" in help_text
+    assert "--stage [sft|rm|ppo]" in cli("export", "--help").stdout
+    assert "--install-completion" in cli("--help").stdout
+    env = {"_RLHF_COMPLETE": "complete_bash", "COMP_WORDS": "rlhf run-all --from r", "COMP_CWORD": "3"}
+    result = CliRunner().invoke(app, [], prog_name="rlhf", env=env)
+    assert result.stdout.split() == ["rm"]
+    env = {"_RLHF_COMPLETE": "complete_bash", "COMP_WORDS": "rlhf export --stage ", "COMP_CWORD": "3"}
+    assert CliRunner().invoke(app, [], prog_name="rlhf", env=env).stdout.split() == ["sft", "rm", "ppo"]
+
+
+def test_fresh_deletes_checkpoints_force_keeps_them(tiny_sft_run, tmp_path, monkeypatch):
+    import shutil
+
+    import rlhf.pipeline
+    from rlhf.config import load_config
+
+    config = write_config(tmp_path)
+    cfg = load_config(config)
+    shutil.copytree(load_config(tiny_sft_run).stage_dir("sft"), cfg.stage_dir("sft"))
+    ckpts = cfg.stage_dir("sft") / "checkpoints"
+    assert any(ckpts.glob("checkpoint-*"))
+    calls = []
+    monkeypatch.setattr(rlhf.pipeline, "_run_command", lambda command, *a: calls.append(command) or 0)
+    assert cli("run-all", "--only", "sft", "--force", "--config", str(config)).exit_code == 0
+    assert any(ckpts.glob("checkpoint-*"))  # --force resumes: the checkpoints stay
+    result = cli("run-all", "--only", "sft", "--fresh", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert calls == ["sft", "sft"] and not ckpts.exists()
