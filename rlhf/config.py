@@ -75,6 +75,11 @@ class ModelConfig(Section):
         None, description="Attention kernel (sdpa, flash_attention_2, eager); null lets transformers choose."
     )
     gradient_checkpointing: bool = _field(False, description="Trade compute for activation memory in training.")
+    export_dtype: Literal["float32", "bfloat16", "float16"] = _field(
+        "float32",
+        description="Dtype of the merged model/ folders. float32 keeps the trained LoRA update: rounding W + ΔW to "
+        "16 bits loses much of it (a bfloat16 ppo/model of SmolLM2 kept 58% of the KL PPO moved); 16 bits halve the size.",
+    )
 
 
 class LoraSection(Section):

@@ -691,7 +691,8 @@ def generate_text(cfg: PipelineConfig, stage: str, prompt: str, max_new_tokens: 
     tokenizer = load_tokenizer(cfg.model, str(model_dir), need_chat_template=False)
     text = render(tokenizer, [{"role": "user", "content": prompt}]) if tokenizer.chat_template else prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **model_kwargs(cfg.model)).to(device).eval()
+    # dtype as saved (model.export_dtype): a 16-bit cast would round part of the trained update off again
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **{**model_kwargs(cfg.model), "dtype": "auto"}).to(device).eval()
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
     stop_id = _stop_id(cfg, tokenizer)
