@@ -188,7 +188,10 @@ class PPOConfig(Section):
     value_clip: float = _field(0.2, description="Value clip range around the rollout values.", gt=0)
     vf_coef: float = _field(0.1, description="Value loss coefficient.", ge=0)
     value_head_on_policy: bool = _field(
-        False, description="Cheaper variant: the value head sits on the policy adapter (one forward for both)."
+        False,
+        description="Cheaper variant: no value adapter; the value is a linear head on the policy's final hidden states "
+        "(one forward for both). The value loss trains that head only (its gradient stops at the policy's features, so "
+        "it never moves the policy): a weaker critic than the default separate value adapter.",
     )
     kl_warn_bound: float = _field(20.0, description="Warn when the mean KL per response exceeds this.", gt=0, affects_output=False)
     save_every: int = _field(10, description="Checkpoint every N steps.", ge=1, affects_output=False)

@@ -29,7 +29,8 @@ from rlhf.tracking import MetricsWriter, read_metrics
 from tests.conftest import write_config
 
 
-def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32):
+def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32,
+               score_mean: float = 0.0):
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(config_path)
@@ -37,7 +38,8 @@ def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, 
     tok = load_tokenizer(cfg.model, str(sft))
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype)
-    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy)
+    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy,
+                        score_mean=score_mean)
     return cfg, tok, roles
 
 
@@ -158,6 +160,36 @@ def test_value_starts_as_the_reward(roles_env):
         v = head_forward(roles, "value", roles.value_head, ids, mask.long())
         r = head_forward(roles, "reward", roles.reward_head, ids, mask.long())
     assert torch.equal(v, r)
+
+
+def test_value_starts_centred_on_the_scores_ppo_trains_on(tiny_rm_run):
+    """PPO's rewards are RM scores minus the RM's training score_mean: at step 0 the critic's value at
+    the last real token equals that centred score (each, hence their mean), not the raw score."""
+    from rlhf.ppo.stage import _rm_score_mean
+
+    mean = _rm_score_mean(load_config(tiny_rm_run))
+    assert abs(mean) > 1e-3  # an offset the test can see
+    cfg, tok, roles = make_roles(tiny_rm_run, score_mean=mean)
+    ro = rollout_for(cfg, tok, roles, n=4)
+    last = last_valid_index(ro.attention_mask.bool()).unsqueeze(1)
+    with torch.no_grad():
+        values = head_forward(roles, "value", roles.value_head, ro.input_ids, ro.attention_mask).gather(1, last).squeeze(1)
+    centred = ro.scores - mean
+    assert torch.allclose(values, centred, atol=1e-5)
+    assert values.mean().item() == pytest.approx(centred.mean().item(), abs=1e-5)
+
+
+def test_ppo_stage_starts_its_critic_centred(tiny_ppo_run):
+    """The stage passes the RM's score_mean on: its checkpoints' value head has a bias near -score_mean
+    (4 small value updates from it by step 2)."""
+    from safetensors.torch import load_file
+
+    from rlhf.ppo.stage import _rm_score_mean
+
+    cfg = load_config(tiny_ppo_run)
+    mean = _rm_score_mean(cfg)
+    bias = load_file(str(cfg.stage_dir("ppo") / "checkpoints" / "step-2" / "trainable.safetensors"))["value_head.bias"]
+    assert abs(bias.item() + mean) < abs(mean) / 2
 
 
 # ---------------------------------------------------------------------------- rollout (items 2, 3, 4, 7)
@@ -315,6 +347,21 @@ def test_value_loss_leaves_policy_adapter_untouched(roles_env):
     assert any(g is not None and torch.count_nonzero(g) > 0 for g in value_grads)
     roles.model.zero_grad(set_to_none=True)
     roles.value_head.zero_grad(set_to_none=True)
+
+
+def test_value_on_policy_value_loss_never_moves_the_policy(tiny_rm_run):
+    """value_head_on_policy: one forward gives log-probs and values, but the value's gradient stops at
+    the policy's features: a value loss alone leaves every policy LoRA gradient empty and trains the head."""
+    cfg, tok, roles = make_roles(tiny_rm_run, value_on_policy=True)
+    ro = rollout_for(cfg, tok, roles, n=2, micro=2)
+    roles.model.zero_grad(set_to_none=True)
+    _, _, values = response_logprobs(roles, ro.input_ids, ro.attention_mask, ro.response_ids, 0.7, "policy",
+                                     need_values=True)
+    loss, _ = value_loss(values, ro.values, ro.values + 1.0, ro.response_mask)
+    loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in roles.policy_parameters())
+    assert roles.value_parameters() == list(roles.value_head.parameters())
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in roles.value_parameters())
 
 
 def test_advantages_are_whitened_over_valid_tokens(roles_env):

@@ -111,7 +111,9 @@ def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: tor
     logits / T; plus the entropy (B, R) and, for the value-on-policy variant, values (B, R).
 
     Only the last R + 1 positions go through the LM head (`logits_to_keep`), since the prompt's
-    next-token logits are never used."""
+    next-token logits are never used. The value-on-policy variant reads the policy's final hidden
+    states detached: the value loss trains the value head only and never moves the policy adapter
+    (PPO.md: the value loss must not send gradients into the policy)."""
     R = response_ids.shape[1]
     with use_adapter(roles.model, adapter):
         out = roles.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
@@ -121,7 +123,7 @@ def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: tor
     values = None
     if need_values:
         hidden = out.hidden_states[-1][:, -R - 1:-1]
-        values = roles.value_head(hidden.float()).squeeze(-1)
+        values = roles.value_head(hidden.detach().float()).squeeze(-1)
     return logprobs, logits, values
 
 

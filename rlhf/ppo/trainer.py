@@ -125,7 +125,8 @@ def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, sched
                 mb = rollout.select(idx)
                 mask = mb.response_mask
                 adv_mb, ret_mb = adv.advantages[idx], adv.returns[idx]
-                if roles.value_on_policy:  # one forward gives logits and values: one joint backward
+                if roles.value_on_policy:  # one forward gives logits and values (the value's gradient stops at the
+                    # policy's features, so the joint backward trains the policy with the policy loss alone)
                     new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask,
                                                                     mb.response_ids, ppo.temperature, "policy", True)
                     pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
