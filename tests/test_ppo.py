@@ -289,6 +289,55 @@ def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm
         assert current[name] is param and torch.equal(param, value)
 
 
+def _folder_with_foreign_generation_config(tiny_rm_run, tmp_path: Path) -> Path:
+    """A copy of sft/model whose generation_config.json sets everything PPO must not inherit."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(load_config(tiny_rm_run).stage_dir("sft") / "model", folder)
+    path = folder / "generation_config.json"
+    gen = json.loads(path.read_text())
+    gen.update(do_sample=True, temperature=3.0, top_k=5, top_p=0.5, min_p=0.2, typical_p=0.8, no_repeat_ngram_size=1,
+               repetition_penalty=1.8, suppress_tokens=list(range(100, 140)), bad_words_ids=[[i] for i in range(140, 150)],
+               eos_token_id=list(range(150, 260)), min_new_tokens=2)
+    path.write_text(json.dumps(gen))
+    return folder
+
+
+@pytest.mark.parametrize("stop", ["eos", None])
+def test_sampling_inherits_nothing_from_the_model_folder(tiny_rm_run, tmp_path, monkeypatch, stop):
+    """transformers fills every generation field left unset from the model's generation_config.json.
+    With a folder that sets top_k, min_p, typical_p, n-gram and repetition rules, suppressed and banned
+    tokens and a list of EOS ids, the sampler still draws from softmax(logits / T): the probability it
+    gave each sampled token equals the forward pass's log-prob; and with stop_token null every counted
+    position was sampled (no EOS from the file ends a response early)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(tiny_rm_run)
+    tok = load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model"))
+    base = AutoModelForCausalLM.from_pretrained(_folder_with_foreign_generation_config(tiny_rm_run, tmp_path))
+    assert base.generation_config.min_p == 0.2  # the folder's settings did load
+    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter")
+    real, sampled = torch.multinomial, []
+
+    def recording(probs, num_samples, *args, **kwargs):
+        out = real(probs, num_samples, *args, **kwargs)
+        sampled.append(probs.gather(1, out).log().squeeze(1))
+        return out
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    _, prompts = tokenized_prompts(cfg, tok)
+    q, qm = left_pad(prompts[:4], tok.pad_token_id)
+    torch.manual_seed(0)
+    ro = collect_rollout(roles, q, qm, response_length=12, temperature=0.7,
+                         stop_id=tok.eos_token_id if stop else None, pad_id=tok.pad_token_id, micro_batch_size=4)
+    monkeypatch.undo()
+    if stop is None:
+        assert len(sampled) == 12 and bool(ro.response_mask.all())  # 12 sampled tokens per row, all of them counted
+    steps = torch.stack(sampled, dim=1)[:, :ro.response_ids.shape[1]]
+    assert torch.allclose(steps[ro.response_mask], ro.logprobs[ro.response_mask], atol=1e-4)
+
+
 def test_rollout_masks_scores_and_padding(roles_env):
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=4, response_length=12)
