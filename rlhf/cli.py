@@ -90,7 +90,9 @@ def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> 
     sets' columns and types, the model reference, a chat template where the data needs one, and
     that the run folder can be written."""
     from rlhf.config import STAGES
-    from rlhf.data import check_data, is_local, needs_chat_template, preference_records, prompt_records, sft_records
+    from rlhf.data import (
+        check_data, filter_preferences, is_local, needs_chat_template, preference_records, prompt_records, sft_records,
+    )
     from rlhf.models import EMBEDDED_PREFIX, check_model_reference, load_tokenizer
 
     warning = check_model_reference(cfg.model)
@@ -107,7 +109,9 @@ def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> 
         if not is_local(data.path):
             echo(f"{stage}: hub data set {data.path} (split {data.split}); columns are checked when the stage loads it")
             continue
-        n = check_data(data, cfg.seed, checks[stage])
+        # the row rules that need no model (RM: an empty side, chosen == rejected); lengths need the tokenizer
+        keep = (lambda recs, labels: filter_preferences(recs, labels, None, 0)) if stage == "rm" else None
+        n = check_data(data, cfg.seed, checks[stage], keep, stage.upper())
         conversational.append(needs_chat_template(data, cfg.seed))
         echo(f"{stage}: {data.path}: {n} training rows, columns and types OK")
     local_model = Path(cfg.model.name_or_path).expanduser()
