@@ -254,11 +254,16 @@ def load_trainable_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
             target.copy_(value)
 
 
+RESUMABLE_CHECKPOINTS = 2  # the newest checkpoints that keep their optimizer state
+
+
 def save_checkpoint(ckpt_root: Path, step: int, roles: Roles, optimizer, scheduler, kl_ctl, generator, config_hash: str,
                     metrics: dict[str, float], rank_rng: list[bytes] | None = None) -> Path:
-    """Write checkpoints/step-N atomically; older checkpoints keep their adapters (for evaluation
-    along the run) but drop their optimizer state. `rank_rng`: the RNG states of processes 1.. of a
-    multi-process run (torch.save bytes), written as rng-rank{r}.pt (process 0's goes into optimizer.pt)."""
+    """Write checkpoints/step-N atomically. The newest RESUMABLE_CHECKPOINTS keep their optimizer
+    state, so a newest checkpoint found damaged (a crash before its files reached the disk) still
+    leaves one to resume from; older ones keep their adapters (for evaluation along the run) only.
+    `rank_rng`: the RNG states of processes 1.. of a multi-process run (torch.save bytes), written
+    as rng-rank{r}.pt (process 0's goes into optimizer.pt)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
@@ -271,9 +276,8 @@ def save_checkpoint(ckpt_root: Path, step: int, roles: Roles, optimizer, schedul
             _rank_rng_file(tmp, r).write_bytes(rng)
 
     out = save_atomically(ckpt_root / f"step-{step}", write)
-    for old in checkpoint_dirs(ckpt_root):
-        if old != out:
-            (old / "optimizer.pt").unlink(missing_ok=True)
+    for old in checkpoint_dirs(ckpt_root)[:-RESUMABLE_CHECKPOINTS]:
+        (old / "optimizer.pt").unlink(missing_ok=True)
     return out
 
 
@@ -312,7 +316,8 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
 
     for torn in sorted(Path(ckpt_root).glob("step-*.tmp-*")) if Path(ckpt_root).is_dir() else []:
         log.warning("skipping incomplete checkpoint %s (the run was killed while writing it)", torn)
-    for d in reversed(checkpoint_dirs(ckpt_root)):
+    found = checkpoint_dirs(ckpt_root)
+    for d in reversed(found):
         try:
             state = json.loads((d / "state.json").read_text())
         except (json.JSONDecodeError, OSError):
@@ -325,6 +330,8 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
             log.warning("skipping damaged checkpoint %s (%s)", d, problem)
             continue
         return d
+    if found:
+        log.warning("none of the checkpoints in %s can be resumed from; PPO starts again from step 0", ckpt_root)
     return None
 
 
