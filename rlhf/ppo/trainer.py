@@ -105,10 +105,44 @@ def compute_advantages(rollout: Rollout, scores: torch.Tensor, ppo: PPOConfig, k
 # ---------------------------------------------------------------------------- update
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """This process's place among the processes of a run, for the checks they must decide together.
+
+    A process that raised alone (e.g. on a NaN only it saw) would leave the others waiting forever
+    in their next collective (gradient averaging, whitening); so every finiteness check is summed
+    over the processes first, and all of them raise, at the same point, or none does."""
+
+    rank: int = 0
+    world: int = 1
+    sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None  # needed when world > 1
+
+    def nonfinite(self, values: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        """For each named tensor, the ranks of the processes where it holds NaN or inf (all processes
+        get the same answer; one small all-reduce when world > 1)."""
+        device = next(iter(values.values())).device
+        flags = torch.zeros((len(values), self.world), dtype=torch.float32, device=device)
+        for i, value in enumerate(values.values()):
+            flags[i, self.rank] = 0.0 if bool(torch.isfinite(value).all()) else 1.0
+        if self.world > 1:
+            flags = self.sum_across(flags)
+        return {name: [r for r in range(self.world) if flags[i, r] > 0] for i, name in enumerate(values)}
+
+    def where(self, ranks: list[int]) -> str:
+        """'' for one process, else ' on process 1 of 2' (for messages every process prints alike)."""
+        if self.world == 1:
+            return ""
+        return f" on process{'es' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {self.world}"
+
+
+ONE_PROCESS = Agreement()
+
+
 def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, scheduler, ppo: PPOConfig,
-               generator: torch.Generator) -> dict[str, float]:
+               generator: torch.Generator, agreement: Agreement = ONE_PROCESS) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout, reshuffled each epoch (PPO.md item 13); one optimizer
-    step per mini-batch, micro-batches accumulate gradients. Returns mean statistics."""
+    step per mini-batch, micro-batches accumulate gradients. Returns mean statistics. `agreement`:
+    every process checks each loss with the others before its backward (which averages gradients)."""
     B = rollout.response_ids.shape[0]
     mini = B // ppo.num_mini_batches
     micro = min(ppo.micro_batch_size, mini)
@@ -131,18 +165,18 @@ def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, sched
                                                                     mb.response_ids, ppo.temperature, "policy", True)
                     pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
                     vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
-                    _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf)
+                    _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf, agreement)
                 else:
                     # Separate adapters, separate graphs: backward each before building the next, so
                     # only one model's activations are alive at a time (the gradients are the same).
                     new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
                                                            ppo.temperature, "policy")
                     pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
-                    _backward(pg / n_micro, pg, None)
+                    _backward(pg / n_micro, pg, None, agreement)
                     del new_logprobs
                     new_values = token_values(roles, mb.input_ids, mb.attention_mask, R)
                     vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
-                    _backward(ppo.vf_coef * vf / n_micro, pg, vf)
+                    _backward(ppo.vf_coef * vf / n_micro, pg, vf, agreement)
                 stats["pg_loss"].append(pg.item())
                 stats["vf_loss"].append(vf.item())
                 stats["approxkl"].append(pg_stats["approxkl"].item())
@@ -179,10 +213,13 @@ def _malloc_trim():
         return None
 
 
-def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None) -> None:
-    if not torch.isfinite(loss):
+def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None, agreement: Agreement = ONE_PROCESS) -> None:
+    bad = agreement.nonfinite({"loss": loss})["loss"]
+    if bad and agreement.world == 1:
         vf_text = "" if vf is None else f", value {vf.item()}"
         raise TrainingDiverged(f"PPO loss is {loss.item()} (policy {pg.item()}{vf_text})")
+    if bad:
+        raise TrainingDiverged(f"PPO loss is NaN or inf{agreement.where(bad)}")
     loss.backward()
     release_freed_memory()
 
@@ -359,10 +396,11 @@ def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig,
     return warnings
 
 
-def check_finite(**values: torch.Tensor) -> None:
-    for name, value in values.items():
-        if not torch.isfinite(value).all():
-            raise TrainingDiverged(f"{name} contains NaN or inf")
+def check_finite(agreement: Agreement = ONE_PROCESS, **values: torch.Tensor) -> None:
+    """Raise TrainingDiverged, on every process alike, if a value holds NaN or inf on any process."""
+    for name, ranks in agreement.nonfinite(values).items():
+        if ranks:
+            raise TrainingDiverged(f"{name} contains NaN or inf{agreement.where(ranks)}")
 
 
 def step_metrics(rollout: Rollout, adv: Advantages, update: dict[str, float], kl_coef: float, lr: float, episode: int,
@@ -586,8 +624,9 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
             _restore_rank_rng(ckpt, rank, world, seed, start, generator)
         log.info("resuming PPO from %s (step %d of %d)", ckpt, start, ppo.steps)
     device = next(roles.model.parameters()).device
-    whiten, averager = None, None
+    whiten, averager, agreement = None, None, ONE_PROCESS
     if world > 1:
+        agreement = Agreement(rank, world, sum_across_processes)
         whiten = cross_process_whiten()
         averager = GradientAverager([roles.policy_parameters(), roles.value_parameters()], optimizer)
     stop_id = None
@@ -612,12 +651,12 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                                       micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn,
                                       score_suffix=score_suffix)
             release_freed_memory()
-            check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
+            check_finite(agreement, scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
             scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, whiten)
             adv = compute_advantages(rollout, scores, ppo, kl_ctl.value, whiten)
-            check_finite(kl=adv.kl, advantages=adv.advantages)
+            check_finite(agreement, kl=adv.kl, advantages=adv.advantages)
             t1 = time.perf_counter()
-            update = ppo_update(roles, rollout, adv, optimizer, scheduler, ppo, generator)
+            update = ppo_update(roles, rollout, adv, optimizer, scheduler, ppo, generator, agreement)
             t2 = time.perf_counter()
             episode = (step + 1) * ppo.rollout_batch_size * world
             kl_coef_used = kl_ctl.value
