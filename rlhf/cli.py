@@ -139,12 +139,22 @@ def check_writable(cfg: PipelineConfig) -> None:
                         "choose a writable output_dir")
 
 
+def _writing(cfg: PipelineConfig, command: str):
+    """The run folder's lock, held while a command writes into it (rlhf.runlock): a second writer
+    stops at once with one line naming this one."""
+    from rlhf.runlock import run_lock
+
+    return run_lock(cfg.run_dir, command)
+
+
 def _stage_command(stage: str) -> Callable:
     @friendly_errors
     def command(config: ConfigOpt, set_: SetOpt = None) -> None:
         from rlhf.launch import run_stage
 
-        run_stage(stage, _load(config, set_), config, set_ or [])
+        cfg = _load(config, set_)
+        with _writing(cfg, f"rlhf {stage}"):
+            run_stage(stage, cfg, config, set_ or [])
 
     command.__doc__ = {
         "sft": "Stage 1: supervised fine-tuning (LoRA), resuming from its last checkpoint if interrupted.",
@@ -167,9 +177,10 @@ def ppo(config: ConfigOpt, set_: SetOpt = None,
     from rlhf.launch import run_stage
 
     cfg = _load(config, set_)
-    if fresh:
-        shutil.rmtree(cfg.stage_dir("ppo") / "checkpoints", ignore_errors=True)
-    run_stage("ppo", cfg, config, set_ or [])
+    with _writing(cfg, "rlhf ppo"):
+        if fresh:
+            shutil.rmtree(cfg.stage_dir("ppo") / "checkpoints", ignore_errors=True)
+        run_stage("ppo", cfg, config, set_ or [])
 
 
 @app.command("run-all")
@@ -186,7 +197,8 @@ def run_all(
 
     cfg = _load(config, set_)
     check_all(cfg, config, typer.echo)  # a mistake costs seconds: found before any stage loads a model
-    run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force, echo=typer.echo)
+    with _writing(cfg, "rlhf run-all"):
+        run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force, echo=typer.echo)
 
 
 @app.command()
@@ -219,7 +231,9 @@ def report(config: ConfigOpt, set_: SetOpt = None) -> None:
     """Write PNG plots (reward, KL, response length, RM accuracy, SFT loss) and eval/report.html."""
     from rlhf.report import write_report
 
-    out = write_report(_load(config, set_), echo=typer.echo)
+    cfg = _load(config, set_)
+    with _writing(cfg, "rlhf report"):
+        out = write_report(cfg, echo=typer.echo)
     typer.echo(f"report: {out}")
 
 
@@ -231,7 +245,9 @@ def eval_(config: ConfigOpt, set_: SetOpt = None) -> None:
 
     from rlhf.evaluate import EVAL_FILE, run, summary_lines
 
-    out_dir = run(_load(config, set_))
+    cfg = _load(config, set_)
+    with _writing(cfg, "rlhf eval"):
+        out_dir = run(cfg)
     for line in summary_lines(json.loads((out_dir / EVAL_FILE).read_text(encoding="utf-8")), out_dir):
         typer.echo(line)
 

@@ -692,8 +692,9 @@ def generate_text(cfg: PipelineConfig, stage: str, prompt: str, max_new_tokens: 
     tokenizer = load_tokenizer(cfg.model, str(model_dir), need_chat_template=False)
     text = render(tokenizer, [{"role": "user", "content": prompt}]) if tokenizer.chat_template else prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    # dtype as saved (model.export_dtype): a 16-bit cast would round part of the trained update off again
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **{**model_kwargs(cfg.model), "dtype": "auto"}).to(device).eval()
+    kwargs = model_kwargs(cfg.model)
+    kwargs["dtype"] = "auto"  # as saved (model.export_dtype): a 16-bit cast would round part of the trained update off again
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).to(device).eval()
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
     stop_id = _stop_id(cfg, tokenizer)
     config = pinned_generation_config(max_new_tokens, temperature, tokenizer.eos_token_id if stop_id is None else stop_id,

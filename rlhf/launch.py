@@ -128,7 +128,9 @@ class LaunchFailed(UserError):
 def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 1 << 20) -> tuple[int, list[str]]:
     """Run `cmd` with its output passed through as it comes (progress bars included); return its exit
     status and the distinct `error: ...` lines (UserErrors) its processes printed to stderr."""
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    from rlhf.runlock import held_fds
+
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, pass_fds=held_fds())  # the run folder's lock too
     out = getattr(sys.stderr, "buffer", None)
     tail = bytearray()
     while chunk := os.read(proc.stderr.fileno(), 1 << 16):

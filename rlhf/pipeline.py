@@ -90,7 +90,9 @@ class StageFailed(UserError):
 
 def _run_command(command: str, config_path: str, overrides: list[str]) -> int:
     """`rlhf COMMAND --config F --set ...` in a fresh process; returns its exit status."""
+    from rlhf.runlock import held_fds
+
     cmd = [sys.executable, "-m", "rlhf.cli", command, "--config", config_path]
     for item in overrides:
         cmd += ["--set", item]
-    return subprocess.run(cmd).returncode
+    return subprocess.run(cmd, pass_fds=held_fds()).returncode  # the run folder's lock stays held while it runs

@@ -18,8 +18,9 @@ from rlhf.runs import stage_state
 from rlhf.tracking import METRICS_FILE, read_metrics
 
 # What each manifest/metrics status is shown as. "running" stays "running" in the manifest when a
-# process is killed, so from the outside it means "running now, or interrupted".
-SHOWN = {"done": "done", "stale": "stale", "missing": "missing", "running": "running or interrupted",
+# process is killed; the run folder's lock (rlhf.runlock) tells the two apart: a stage is shown
+# "running (pid N)" only while a live rlhf command holds the folder, "interrupted" otherwise.
+SHOWN = {"done": "done", "stale": "stale", "missing": "missing", "running": "running",
          "interrupted": "interrupted", "failed": "failed"}
 STYLE = {"done": "green", "stale": "yellow", "missing": "dim", "running": "cyan", "interrupted": "cyan",
          "failed": "red", "not configured": "dim"}
@@ -33,6 +34,7 @@ class StageRow:
     checkpoint: str = ""  # "step N" of the latest checkpoint, "" when none
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    pid: int | None = None  # the rlhf command running it (state "running")
 
 
 def latest_checkpoint_step(stage_dir: Path, stage: str) -> int | None:
@@ -76,6 +78,9 @@ def key_metrics(stage: str, stage_dir: Path, manifest: dict[str, Any] | None) ->
 
 def stage_rows(cfg: PipelineConfig) -> list[StageRow]:
     """One row per stage of the pipeline, in order."""
+    from rlhf.runlock import running_holder
+
+    holder = running_holder(cfg.run_dir)  # reads the lock file only: never waits for the lock
     rows = []
     for stage in STAGES:
         if getattr(cfg, stage) is None:
@@ -88,14 +93,18 @@ def stage_rows(cfg: PipelineConfig) -> list[StageRow]:
         if status == "missing" and step is not None:
             # checkpoints without a manifest: the manifest was lost, the training was not
             status, reason = "interrupted", "checkpoints present but no manifest"
-        if status == "running":
-            reason = "manifest says running: still running, or killed (rerun to resume)"
+        if status == "running" and holder is None:
+            status = "interrupted"
+            reason = "the manifest says running, but no rlhf command holds the run folder: it was killed (rerun to resume)"
+        elif status == "running":
+            reason = f"by {holder.describe()}"
         checkpoint = ""
         if step is not None:
             total = cfg.ppo.steps if stage == "ppo" else getattr(cfg, stage).max_steps
             checkpoint = f"step {step}" + (f"/{total}" if total and total > 0 else "")
         outputs = _outputs(stage_dir, (state.manifest or {}).get("outputs") or {})
-        rows.append(StageRow(stage, status, reason, checkpoint, key_metrics(stage, stage_dir, state.manifest), outputs))
+        rows.append(StageRow(stage, status, reason, checkpoint, key_metrics(stage, stage_dir, state.manifest), outputs,
+                             pid=holder.pid if status == "running" else None))
     return rows
 
 
@@ -125,7 +134,7 @@ def render(cfg: PipelineConfig, rows: list[StageRow]):
     for name in ("stage", "state", "why", "checkpoint", "metrics", "outputs"):
         table.add_column(name, overflow="fold")
     for row in rows:
-        shown = SHOWN.get(row.state, row.state)
+        shown = f"running (pid {row.pid})" if row.pid is not None else SHOWN.get(row.state, row.state)
         table.add_row(
             row.stage, f"[{STYLE.get(row.state, '')}]{shown}[/]", row.reason, row.checkpoint,
             "\n".join(f"{k} {_fmt(v)}" for k, v in row.metrics.items()), "\n".join(row.outputs),
