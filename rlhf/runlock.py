@@ -124,6 +124,55 @@ def _in_use(run_dir: Path, holder: Holder | None) -> UserError:
                      "one command writes into a run folder at a time")
 
 
+def _open_locked(run_dir: Path) -> int:
+    """Create (if need be) and lock the lock file; returns its descriptor, or raises UserError naming
+    the holder. A releasing holder may remove a lock file (and run folder) it created, so the file
+    locked must still be the one at the path; if not, it starts again with the new one."""
+    path = lock_path(run_dir)
+    for _ in range(100):
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except FileNotFoundError:
+            continue  # the folder was removed between the two calls by a releasing holder
+        except OSError as e:
+            raise UserError(f"output_dir: cannot write to {run_dir} ({e.strerror}); choose a writable output_dir") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _in_use(run_dir, read_holder(run_dir)) from None
+        except OSError as e:
+            if e.errno not in NO_FLOCK:
+                os.close(fd)
+                raise
+            holder = read_holder(run_dir)
+            if holder is not None and holder.pid != os.getpid() and holder_alive(holder):
+                os.close(fd)
+                raise _in_use(run_dir, holder) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file its holder unlinked on release
+    raise UserError(f"{run_dir}: could not take the run folder's lock {path}; rerun")
+
+
+def _remove_if_unused(run_dir: Path, created: list[Path]) -> None:
+    """On release, with the lock still held: if this lock created the run folder and nothing but the
+    lock file was written into it (e.g. the command stopped on a data mistake), remove them again,
+    so a command that did nothing leaves nothing behind."""
+    if run_dir not in created or [p.name for p in run_dir.iterdir()] != [LOCK_FILE]:
+        return
+    lock_path(run_dir).unlink(missing_ok=True)
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def run_lock(run_dir: Path, command: str) -> Iterator[None]:
     """Hold `run_dir`'s lock for the block, or raise UserError (exit 2) naming the holder at once."""
@@ -132,22 +181,9 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
     if _inherited(path):
         yield
         return
+    created = [p for p in (run_dir, *run_dir.parents) if not p.exists()]  # folders this lock makes
+    fd = _open_locked(run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise UserError(f"output_dir: cannot write to {run_dir} ({e.strerror}); choose a writable output_dir") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise _in_use(run_dir, read_holder(run_dir)) from None
-        except OSError as e:
-            if e.errno not in NO_FLOCK:
-                raise
-            holder = read_holder(run_dir)
-            if holder is not None and holder.pid != os.getpid() and holder_alive(holder):
-                raise _in_use(run_dir, holder) from None
         previous = read_holder(run_dir)
         if previous is not None and previous.pid != os.getpid():
             log.warning("taking over the stale lock of %s (%s): that process is no longer running", path,
@@ -166,5 +202,6 @@ def run_lock(run_dir: Path, command: str) -> Iterator[None]:
             else:
                 os.environ[INHERITED] = before
             os.ftruncate(fd, 0)  # released: nobody holds it (a SIGKILL skips this; the flock goes anyway)
+            _remove_if_unused(run_dir, created)
     finally:
         os.close(fd)  # closing drops the flock

@@ -145,4 +145,10 @@ def test_processes_the_holder_starts_inherit_the_lock(tmp_path):
         assert out.returncode == 0, out.stderr
         assert out.stdout.strip() == "1"
     assert held_fds() == ()
-    assert Path(run_dir / ".lock").read_text() == ""
+    assert not (tmp_path / "runs").exists()  # the lock made the folders and nothing else was written: removed
+
+
+def test_a_stage_that_stops_on_a_data_mistake_leaves_no_run_folder(tmp_path):
+    config = write_config(tmp_path, {"sft": {"data": {"path": str(tmp_path / "missing.jsonl")}}})
+    assert cli("sft", "--config", str(config)).exit_code == 2
+    assert not (tmp_path / "runs").exists()

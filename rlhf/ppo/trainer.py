@@ -159,8 +159,9 @@ def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, sched
                 mb = rollout.select(idx)
                 mask = mb.response_mask
                 adv_mb, ret_mb = adv.advantages[idx], adv.returns[idx]
-                if roles.value_on_policy:  # one forward gives logits and values (the value's gradient stops at the
-                    # policy's features, so the joint backward trains the policy with the policy loss alone)
+                if roles.value_on_policy:
+                    # One forward gives logits and values; the value's gradient stops at the policy's
+                    # features, so this joint backward trains the policy with the policy loss alone.
                     new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask,
                                                                     mb.response_ids, ppo.temperature, "policy", True)
                     pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
@@ -353,13 +354,14 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
 
     for torn in sorted(Path(ckpt_root).glob("step-*.tmp-*")) if Path(ckpt_root).is_dir() else []:
         log.warning("skipping incomplete checkpoint %s (the run was killed while writing it)", torn)
-    found = checkpoint_dirs(ckpt_root)
-    for d in reversed(found):
+    ours = False  # a checkpoint of this config was found (resumable or not)
+    for d in reversed(checkpoint_dirs(ckpt_root)):
         try:
             state = json.loads((d / "state.json").read_text())
         except (json.JSONDecodeError, OSError):
             log.warning("skipping unreadable checkpoint %s", d)
             continue
+        ours = ours or state.get("config_hash") == config_hash
         if state.get("config_hash") != config_hash or not (d / "optimizer.pt").is_file():
             continue
         problem = file_problem(d / "trainable.safetensors") or file_problem(d / "optimizer.pt")
@@ -367,7 +369,7 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
             log.warning("skipping damaged checkpoint %s (%s)", d, problem)
             continue
         return d
-    if found:
+    if ours:
         log.warning("none of the checkpoints in %s can be resumed from; PPO starts again from step 0", ckpt_root)
     return None
 
