@@ -140,7 +140,9 @@ def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> 
     sets' columns and types, the model reference, a chat template where the data needs one, and
     that the run folder can be written."""
     from rlhf.config import STAGES
-    from rlhf.data import check_data, is_local, needs_chat_template, preference_records, prompt_records, sft_records
+    from rlhf.data import (
+        check_data, filter_preferences, is_local, needs_chat_template, preference_records, prompt_records, sft_records,
+    )
     from rlhf.models import EMBEDDED_PREFIX, check_model_reference, load_tokenizer
 
     warning = check_model_reference(cfg.model)
@@ -157,7 +159,9 @@ def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> 
         if not is_local(data.path):
             echo(f"{stage}: hub data set {data.path} (split {data.split}); columns are checked when the stage loads it")
             continue
-        n = check_data(data, cfg.seed, checks[stage])
+        # the row rules that need no model (RM: an empty side, chosen == rejected); lengths need the tokenizer
+        keep = (lambda recs, labels: filter_preferences(recs, labels, None, 0)) if stage == "rm" else None
+        n = check_data(data, cfg.seed, checks[stage], keep, stage.upper())
         conversational.append(needs_chat_template(data, cfg.seed))
         echo(f"{stage}: {data.path}: {n} training rows, columns and types OK")
     local_model = Path(cfg.model.name_or_path).expanduser()
@@ -185,12 +189,22 @@ def check_writable(cfg: PipelineConfig) -> None:
                         "choose a writable output_dir")
 
 
+def _writing(cfg: PipelineConfig, command: str):
+    """The run folder's lock, held while a command writes into it (rlhf.runlock): a second writer
+    stops at once with one line naming this one."""
+    from rlhf.runlock import run_lock
+
+    return run_lock(cfg.run_dir, command)
+
+
 def _stage_command(stage: str) -> Callable:
     @friendly_errors
     def command(config: ConfigOpt = None, set_: SetOpt = None) -> None:
         from rlhf.launch import run_stage
 
-        run_stage(stage, _load(config, set_), config_file(config), set_ or [])
+        cfg = _load(config, set_)
+        with _writing(cfg, f"rlhf {stage}"):
+            run_stage(stage, cfg, config_file(config), set_ or [])
 
     command.__doc__ = {
         "sft": "Stage 1: supervised fine-tuning (LoRA), resuming from its last checkpoint if interrupted.",
@@ -213,9 +227,10 @@ def ppo(config: ConfigOpt = None, set_: SetOpt = None,
     from rlhf.launch import run_stage
 
     cfg = _load(config, set_)
-    if fresh:
-        shutil.rmtree(cfg.stage_dir("ppo") / "checkpoints", ignore_errors=True)
-    run_stage("ppo", cfg, config_file(config), set_ or [])
+    with _writing(cfg, "rlhf ppo"):
+        if fresh:
+            shutil.rmtree(cfg.stage_dir("ppo") / "checkpoints", ignore_errors=True)
+        run_stage("ppo", cfg, config_file(config), set_ or [])
 
 
 @app.command("run-all", epilog=EXIT_STATUSES)
@@ -246,13 +261,14 @@ def run_all(
     cfg = _load(config, set_)
     config = config_file(config)
     check_all(cfg, config, typer.echo)  # a mistake costs seconds: found before any stage loads a model
-    if fresh:
-        import shutil
+    with _writing(cfg, "rlhf run-all"):
+        if fresh:  # under the lock: never delete checkpoints another run is writing
+            import shutil
 
-        for stage, _ in plan(cfg, from_, only, force=True):
-            shutil.rmtree(cfg.stage_dir(stage) / "checkpoints", ignore_errors=True)
-    run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force or fresh, echo=typer.echo,
-                 verbose=verbose)
+            for stage, _ in plan(cfg, from_, only, force=True):
+                shutil.rmtree(cfg.stage_dir(stage) / "checkpoints", ignore_errors=True)
+        run_pipeline(cfg, config, set_ or [], start=from_, only=only, force=force or fresh, echo=typer.echo,
+                     verbose=verbose)
 
 
 @app.command(epilog=EXIT_STATUSES)
@@ -285,7 +301,9 @@ def report(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Write PNG plots (reward, KL, response length, RM accuracy, SFT loss) and eval/report.html."""
     from rlhf.report import write_report
 
-    out = write_report(_load(config, set_), echo=typer.echo)
+    cfg = _load(config, set_)
+    with _writing(cfg, "rlhf report"):
+        out = write_report(cfg, echo=typer.echo)
     typer.echo(f"report: {out}")
 
 
@@ -297,7 +315,9 @@ def eval_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
     from rlhf.evaluate import EVAL_FILE, run, summary_lines
 
-    out_dir = run(_load(config, set_))
+    cfg = _load(config, set_)
+    with _writing(cfg, "rlhf eval"):
+        out_dir = run(cfg)
     for line in summary_lines(json.loads((out_dir / EVAL_FILE).read_text(encoding="utf-8")), out_dir):
         typer.echo(line)
 

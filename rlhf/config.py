@@ -75,6 +75,11 @@ class ModelConfig(Section):
         None, description="Attention kernel (sdpa, flash_attention_2, eager); null lets transformers choose."
     )
     gradient_checkpointing: bool = _field(False, description="Trade compute for activation memory in training.")
+    export_dtype: Literal["float32", "bfloat16", "float16"] = _field(
+        "float32",
+        description="Dtype of the merged model/ folders. float32 keeps the trained LoRA update: rounding W + ΔW to "
+        "16 bits loses much of it (a bfloat16 ppo/model of SmolLM2 kept 58% of the KL PPO moved); 16 bits halve the size.",
+    )
 
 
 class LoraSection(Section):
@@ -235,7 +240,10 @@ class PPOConfig(Section):
     value_clip: float = _field(0.2, description="Value clip range around the rollout values.", gt=0)
     vf_coef: float = _field(0.1, description="Value loss coefficient.", ge=0)
     value_head_on_policy: bool = _field(
-        False, description="Cheaper variant: the value head sits on the policy adapter (one forward for both)."
+        False,
+        description="Cheaper variant: no value adapter; the value is a linear head on the policy's final hidden states "
+        "(one forward for both). The value loss trains that head only (its gradient stops at the policy's features, so "
+        "it never moves the policy): a weaker critic than the default separate value adapter.",
     )
     kl_warn_bound: float = _field(20.0, description="Warn when the mean KL per response exceeds this.", gt=0, affects_output=False)
     save_every: int = _field(10, description="Checkpoint every N steps.", ge=1, affects_output=False)

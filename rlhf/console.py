@@ -49,7 +49,7 @@ def is_our_bar(fragment: str) -> bool:
     return bool(m) and not FOREIGN_BARS.search(m.group("desc"))
 
 
-def run_logged(cmd: list[str], log_path: Path, verbose: bool = False, out=None) -> int:
+def run_logged(cmd: list[str], log_path: Path, verbose: bool = False, out=None, pass_fds=()) -> int:
     """Run `cmd`, all its output appended to `log_path`; show the terminal what the module says.
     Returns the exit status."""
     out = out or sys.stderr
@@ -58,7 +58,7 @@ def run_logged(cmd: list[str], log_path: Path, verbose: bool = False, out=None) 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "ab") as log:
         log.write(f"\n===== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, pass_fds=pass_fds)
         pending = b""
         lines: list[str] = []
         saw_error = False

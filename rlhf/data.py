@@ -369,6 +369,8 @@ def filter_sft(records: list[dict[str, Any]], labels: list[str], tokenizer, max_
 
 
 def filter_preferences(records: list[dict[str, Any]], labels: list[str], tokenizer, max_length: int) -> tuple[list[dict], DropReport]:
+    """The RM's row rules. `tokenizer` None applies the rules that need no model (empty side,
+    chosen == rejected) and skips the length rule: what `rlhf validate` checks."""
     report = DropReport()
     kept = []
     for rec, label in zip(records, labels):
@@ -376,7 +378,8 @@ def filter_preferences(records: list[dict[str, Any]], labels: list[str], tokeniz
             report.drop("chosen or rejected is empty", label)
         elif rec["chosen"] == rec["rejected"]:
             report.drop("chosen == rejected", label)
-        elif max(n_tokens(tokenizer, render(tokenizer, rec["prompt"], rec[side])) for side in ("chosen", "rejected")) > max_length:
+        elif tokenizer is not None and max(
+                n_tokens(tokenizer, render(tokenizer, rec["prompt"], rec[side])) for side in ("chosen", "rejected")) > max_length:
             report.drop(f"longer than max_length={max_length} tokens", label)
         else:
             kept.append(rec)
@@ -455,12 +458,19 @@ def ppo_data(cfg, tokenizer) -> StageData:
                   lambda recs, labels: filter_prompts(recs, labels, tokenizer, s.max_prompt_length), "PPO")
 
 
-def check_data(data: DataConfig, seed: int, to_records) -> int:
-    """For `rlhf validate`: read and check every row's columns and types (no tokenizer); returns the row count."""
+def check_data(data: DataConfig, seed: int, to_records, keep=None, what: str = "") -> int:
+    """For `rlhf validate`: read and check every row's columns and types, then apply `keep`, the
+    stage's row rules that need no model (records, labels) -> (kept, DropReport), if any; a split
+    with no usable rows left is the same error the stage would raise. Returns the training row count."""
     train, held = read_splits(data, seed)
-    to_records(train)
-    if held is not None:
-        if not held.rows:
-            raise UserError(f"{held.source}: the held-out data set is empty")
-        to_records(held)
+    for split, rows in (("train", train), ("eval", held)):
+        if rows is None:
+            continue
+        if not rows.rows:
+            raise UserError(f"{rows.source}: the held-out data set is empty")
+        records = to_records(rows)
+        if keep is not None:
+            kept, drops = keep(records, rows.labels)
+            if not kept:
+                raise UserError(f"{rows.source}: no usable {split} rows left ({drops.describe(what)})")
     return len(train.rows)

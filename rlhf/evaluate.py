@@ -864,10 +864,11 @@ def generate_text(cfg: PipelineConfig, stage: str, prompt: str, max_new_tokens: 
     """One response from a stage's merged model folder (sft/model or ppo/model) loaded with plain
     transformers; the prompt goes through the chat template as a user turn when the tokenizer has
     one. temperature 0 is greedy decoding."""
-    from transformers import AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM
 
     from rlhf.data import render
     from rlhf.models import load_tokenizer, model_kwargs
+    from rlhf.ppo.rollout import generate_pinned, pinned_generation_config
     from rlhf.runs import STAGE_COMMAND, stage_state
 
     if stage not in ("sft", "ppo"):
@@ -891,13 +892,14 @@ def generate_text(cfg: PipelineConfig, stage: str, prompt: str, max_new_tokens: 
     tokenizer = load_tokenizer(cfg.model, str(model_dir), need_chat_template=False)
     text = render(tokenizer, [{"role": "user", "content": prompt}]) if tokenizer.chat_template else prompt
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **model_kwargs(cfg.model)).to(device).eval()
+    kwargs = model_kwargs(cfg.model)
+    kwargs["dtype"] = "auto"  # as saved (model.export_dtype): a 16-bit cast would round part of the trained update off again
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs).to(device).eval()
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(device)
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {"do_sample": False}
     stop_id = _stop_id(cfg, tokenizer)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                              eos_token_id=tokenizer.eos_token_id if stop_id is None else stop_id, **sampling)
+    config = pinned_generation_config(max_new_tokens, temperature, tokenizer.eos_token_id if stop_id is None else stop_id,
+                                      tokenizer.pad_token_id)
     torch.manual_seed(cfg.seed if seed is None else seed)
     with torch.no_grad():
-        out = model.generate(**ids, generation_config=config)
+        out = generate_pinned(model, config, ids["input_ids"], ids["attention_mask"])
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -16,7 +16,7 @@ from typing import Any
 
 from rlhf.best_checkpoint import RM, SFT, auto_steps, keep_best_callback
 from rlhf.config import PipelineConfig, TrainSection, stage_hash
-from rlhf.models import model_kwargs, torch_dtype
+from rlhf.models import export_dtype, model_kwargs, torch_dtype
 from rlhf.runs import file_problem, replace_dir, save_atomically
 from rlhf.tracking import METRICS_FILE, metrics_callback, report_to, trim_metrics
 
@@ -203,12 +203,14 @@ def export_merged(cfg: PipelineConfig, base_path: str, adapter_dir: Path, out_di
     """Fold a saved adapter into a fresh copy of the base loaded from disk and save the result.
 
     Merging from files (not from the trained model in memory) works the same whatever the
-    distribution strategy was (DDP, ZeRO-3 shards, FSDP)."""
+    distribution strategy was (DDP, ZeRO-3 shards, FSDP). The base loads in `model.dtype`, as in
+    training, and is then cast to `model.export_dtype` (float32 by default) before the fold, so the
+    saved weights are exactly the trained model's: its base weights plus the whole LoRA update."""
     from peft import PeftModel
 
     kwargs = model_kwargs(cfg.model)
     kwargs.update(load_kwargs)
-    base = model_cls.from_pretrained(base_path, **kwargs)
+    base = model_cls.from_pretrained(base_path, **kwargs).to(export_dtype(cfg.model))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
     # The tokenizer's pad token (made distinct from EOS by load_tokenizer) goes into the model's
     # configs too: a sequence classifier reads its score at the last non-pad token, and a base

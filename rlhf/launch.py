@@ -69,7 +69,7 @@ def accelerate_command(stage: str, cfg: PipelineConfig, config_path: str, overri
     check_launch(stage, cfg)
     launcher = cfg.launcher
     total = launcher.num_processes * launcher.num_machines
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [sys.executable, "-m", "rlhf.accelerate_launch"]  # accelerate launch, keeping the workers' exit status
     if launcher.accelerate_config:
         cmd += ["--config_file", launcher.accelerate_config]
     else:
@@ -101,7 +101,9 @@ def run_stage(stage: str, cfg: PipelineConfig, config_path: str, overrides: list
     """Run one stage to completion; raises UserError (or the stage's own error) on failure.
 
     With several processes the output of every process streams through as it is written, and a
-    failing process stops the others (torchrun tears the group down)."""
+    failing process stops the others (torchrun tears the group down); the error raised here
+    carries the processes' own exit status (3 for a diverged run, 2 for a mistake; see
+    rlhf.accelerate_launch.outcome), so `rlhf <stage>` and `run-all` exit with it."""
     if not needs_accelerate(cfg):
         module = importlib.import_module(f"rlhf.{stage}")
         return module.run(cfg)
@@ -109,16 +111,26 @@ def run_stage(stage: str, cfg: PipelineConfig, config_path: str, overrides: list
     print("launching:", shlex.join(cmd), file=sys.stderr, flush=True)
     returncode, errors = run_streaming(cmd, launch_env())
     if returncode != 0:
-        if errors:  # the processes' own `error:` lines, once, after torchrun's report
-            raise UserError(f"the {stage} stage failed: " + "\n".join(errors))
-        raise UserError(f"the {stage} stage failed (exit status {returncode}); its error is printed above")
+        if errors:  # the processes' own `error:` lines and the launcher's summary, once each
+            raise LaunchFailed(f"the {stage} stage failed: " + "\n".join(errors), returncode)
+        raise LaunchFailed(f"the {stage} stage failed (exit status {returncode}); its error is printed above", returncode)
     return cfg.stage_dir(stage)
+
+
+class LaunchFailed(UserError):
+    """A launched stage failed: `rlhf <stage>` exits with the launch's exit status, not 2."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.exit_code = status if status > 0 else 1
 
 
 def run_streaming(cmd: list[str], env: dict[str, str], keep: int = 1 << 20) -> tuple[int, list[str]]:
     """Run `cmd` with its output passed through as it comes (progress bars included); return its exit
     status and the distinct `error: ...` lines (UserErrors) its processes printed to stderr."""
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
+    from rlhf.runlock import held_fds
+
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, pass_fds=held_fds())  # the run folder's lock too
     out = getattr(sys.stderr, "buffer", None)
     tail = bytearray()
     while chunk := os.read(proc.stderr.fileno(), 1 << 16):

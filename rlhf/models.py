@@ -235,6 +235,18 @@ def torch_dtype(model_cfg: ModelConfig) -> torch.dtype:
     return getattr(torch, model_cfg.dtype)
 
 
+def export_dtype(model_cfg: ModelConfig) -> torch.dtype:
+    """The dtype merged exports are folded and saved in (`model.export_dtype`, float32 by default).
+
+    The base is loaded in `model.dtype` first (the weights the adapter was trained on), then cast
+    to this dtype, then the adapter is folded in: in float32, W + ΔW keeps ΔW whole, while W + ΔW
+    rounded to bfloat16 (8 bits of mantissa) loses every part of ΔW below half a unit of W's
+    last place, which for a LoRA update is much of it."""
+    import torch
+
+    return getattr(torch, model_cfg.export_dtype)
+
+
 def cpu_has_native_bf16() -> bool:
     """True when this CPU multiplies bfloat16 in hardware (AVX512-BF16, AMX or Arm BF16).
 

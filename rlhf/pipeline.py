@@ -128,12 +128,15 @@ class StageFailed(UserError):
 
 def _run_command(command: str, config_path: str, overrides: list[str], log_path=None, verbose: bool = False) -> int:
     """`rlhf COMMAND --config F --set ...` in a fresh process; returns its exit status. With a
-    `log_path` its output goes there, and to the terminal only our lines (rlhf.console)."""
+    `log_path` its output goes there, and to the terminal only our lines (rlhf.console). The run
+    folder's lock stays held while it runs (the child inherits its descriptor)."""
+    from rlhf.runlock import held_fds
+
     cmd = [sys.executable, "-m", "rlhf.cli", command, "--config", config_path]
     for item in overrides:
         cmd += ["--set", item]
     if log_path is not None:
         from rlhf.console import run_logged
 
-        return run_logged(cmd, log_path, verbose=verbose)
-    return subprocess.run(cmd).returncode
+        return run_logged(cmd, log_path, verbose=verbose, pass_fds=held_fds())
+    return subprocess.run(cmd, pass_fds=held_fds()).returncode

@@ -234,12 +234,8 @@ def score(cfg_or_model_dir: PipelineConfig | str | Path, prompts: Any, responses
             log.warning("the reward model in %s is stale (%s); scoring with it anyway",
                         cfg.stage_dir(STAGE), state.reason)
         model_dir = cfg.stage_dir(STAGE) / "model"
-        from rlhf.models import torch_dtype
-
-        dtype = torch_dtype(cfg.model)
     else:
         model_dir = Path(cfg_or_model_dir)
-        dtype = "auto"
     responses = list(responses)
     if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict)):
         prompts = [prompts] * len(responses)
@@ -248,7 +244,8 @@ def score(cfg_or_model_dir: PipelineConfig | str | Path, prompts: Any, responses
         raise UserError(f"score: {len(prompts)} prompts for {len(responses)} responses; "
                         "give one prompt, or one per response")
     device = "cuda" if torch.cuda.is_available() else None
-    model, tokenizer = load_reward_model(model_dir, dtype=dtype, device=device)
+    # In the dtype it was saved in (model.export_dtype): a 16-bit cast would round part of the adapter off again.
+    model, tokenizer = load_reward_model(model_dir, dtype="auto", device=device)
     if conversational is None:
         manifest_conv = ((read_manifest(model_dir.parent) or {}).get("metrics") or {}).get("conversational")
         conversational = bool(tokenizer.chat_template) if manifest_conv is None else bool(manifest_conv)
@@ -418,9 +415,8 @@ def _evaluate(cfg: PipelineConfig, stage_dir: Path, data, device, step: int,
     """Score held-out and training pairs with the exported rm/model (what PPO and users will load);
     write eval.json (with `selection`: the best step and the accuracy curve) and the metrics line;
     return the manifest metrics."""
-    from rlhf.models import torch_dtype
-
-    model, tokenizer = load_reward_model(stage_dir / "model", dtype=torch_dtype(cfg.model), device=device)
+    # In the dtype it was saved in (model.export_dtype): a 16-bit cast would round part of the adapter off again.
+    model, tokenizer = load_reward_model(stage_dir / "model", dtype="auto", device=device)
     batch = max(cfg.rm.batch_size * 2, 8)
     train_c, train_r = score_pairs(model, tokenizer, data.train, batch)
     train = pairwise_metrics(train_c, train_r)

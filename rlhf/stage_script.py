@@ -11,6 +11,21 @@ from typing import Callable
 
 from rlhf.cli import friendly_errors, setup_logging
 from rlhf.config import PipelineConfig, load_config
+from rlhf.errors import UserError
+
+# What gloo's error says when another process of the group is gone (killed, or stopped on its own error).
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+class PeerGone(UserError):
+    """Another process of this stage stopped, so this one cannot go on: one line, exit status 1 (the
+    launcher names the process that stopped first and why)."""
+
+    exit_code = 1
+
+
+def peer_gone(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in PEER_GONE)
 
 
 def init_processes():
@@ -45,6 +60,11 @@ def stage_script(run: Callable[[PipelineConfig], object], description: str) -> N
             # Tear down together: a process that destroys its group while another is still in a
             # collective can abort in gloo ("terminate called without an active exception").
             state.wait_for_everyone()
+        except RuntimeError as e:
+            if state.num_processes > 1 and peer_gone(e):
+                raise PeerGone(f"process {state.process_index} of {state.num_processes} lost contact with another "
+                               "process of this stage, which stopped; stopping too") from None
+            raise
         finally:
             state.destroy_process_group()
 

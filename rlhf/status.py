@@ -21,8 +21,9 @@ from rlhf.runs import stage_state
 from rlhf.tracking import METRICS_FILE, read_metrics
 
 # What each manifest/metrics status is shown as. "running" stays "running" in the manifest when a
-# process is killed, so from the outside it means "running now, or interrupted".
-SHOWN = {"done": "done", "stale": "stale", "missing": "missing", "running": "running or interrupted",
+# process is killed; the run folder's lock (rlhf.runlock) tells the two apart: a stage is shown
+# "running (pid N)" only while a live rlhf command holds the folder, "interrupted" otherwise.
+SHOWN = {"done": "done", "stale": "stale", "missing": "missing", "running": "running",
          "interrupted": "interrupted", "failed": "failed"}
 STYLE = {"done": "green", "stale": "yellow", "missing": "dim", "running": "cyan", "interrupted": "cyan",
          "failed": "red", "not configured": "dim"}
@@ -37,6 +38,7 @@ class StageRow:
     metrics: dict[str, float] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     gate: str = ""  # rm: the PPO quality gate's verdict (rlhf.rm_gate), shown with the metrics
+    pid: int | None = None  # the rlhf command running it (state "running")
 
 
 def latest_checkpoint_step(stage_dir: Path, stage: str) -> int | None:
@@ -84,6 +86,9 @@ def key_metrics(stage: str, stage_dir: Path, manifest: dict[str, Any] | None) ->
 
 def stage_rows(cfg: PipelineConfig) -> list[StageRow]:
     """One row per stage of the pipeline, in order."""
+    from rlhf.runlock import running_holder
+
+    holder = running_holder(cfg.run_dir)  # reads the lock file only: never waits for the lock
     rows = []
     for stage in STAGES:
         if getattr(cfg, stage) is None:
@@ -96,8 +101,11 @@ def stage_rows(cfg: PipelineConfig) -> list[StageRow]:
         if status == "missing" and step is not None:
             # checkpoints without a manifest: the manifest was lost, the training was not
             status, reason = "interrupted", "checkpoints present but no manifest"
-        if status == "running":
-            reason = "manifest says running: still running, or killed (rerun to resume)"
+        if status == "running" and holder is None:
+            status = "interrupted"
+            reason = "the manifest says running, but no rlhf command holds the run folder: it was killed (rerun to resume)"
+        elif status == "running":
+            reason = f"by {holder.describe()}"
         checkpoint = ""
         if step is not None:
             total = cfg.ppo.steps if stage == "ppo" else trainer_total_steps(stage_dir, step)
@@ -108,7 +116,7 @@ def stage_rows(cfg: PipelineConfig) -> list[StageRow]:
             verdict = read_verdict(cfg)
             gate = verdict.summary() if verdict is not None else ""
         rows.append(StageRow(stage, status, reason, checkpoint, key_metrics(stage, stage_dir, state.manifest), outputs,
-                             gate))
+                             gate, pid=holder.pid if status == "running" else None))
     return rows
 
 
@@ -153,7 +161,7 @@ def render(cfg: PipelineConfig, rows: list[StageRow]):
     for name in ("stage", "state", "why", "checkpoint", "metrics", "outputs"):
         table.add_column(name, overflow="fold")
     for row in rows:
-        shown = SHOWN.get(row.state, row.state)
+        shown = f"running (pid {row.pid})" if row.pid is not None else SHOWN.get(row.state, row.state)
         table.add_row(
             row.stage, f"[{STYLE.get(row.state, '')}]{shown}[/]", row.reason, row.checkpoint,
             "\n".join(_metric_lines(row)),

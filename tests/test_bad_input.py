@@ -253,6 +253,19 @@ def margin_column_missing(tmp):
     return p, [], [f"{data}, line 1: margin column 'margin' must hold a number"]
 
 
+def every_pair_chosen_equals_rejected(tmp):
+    """A row rule that needs no model: validate applies it, not only the RM stage."""
+    data = jsonl(tmp / "rm.jsonl", [{"prompt": f"q{i}", "chosen": "same", "rejected": "same"} for i in range(3)])
+    return write_config(tmp, rm_data(tmp, data)), [], [
+        str(data), "no usable train rows left", "3 dropped (chosen == rejected; first: line 1, line 2, line 3)"]
+
+
+def every_pair_has_an_empty_side(tmp):
+    data = jsonl(tmp / "rm.jsonl", [{"prompt": "q", "chosen": "a", "rejected": " "}, {"prompt": "q", "chosen": "", "rejected": "b"}])
+    return write_config(tmp, rm_data(tmp, data)), [], [
+        str(data), "no usable train rows left", "2 dropped (chosen or rejected is empty; first: line 1, line 2)"]
+
+
 def unknown_local_model(tmp):
     p = write_config(tmp, {"model": {"name_or_path": str(tmp / "no-model")}})
     return p, [], ["model.name_or_path", str(tmp / "no-model"), "neither a local model folder nor a hub id"]
@@ -301,7 +314,7 @@ CONFIG_CASES: list[Case] = [
     run_name_dotdot, run_name_with_slash, set_without_equals, set_misspelt_key, config_file_missing, config_not_utf8,
     data_file_missing, data_file_empty, malformed_jsonl_line, jsonl_line_not_object, missing_columns,
     wrong_column_type, data_not_utf8, unknown_role, unsupported_file_type, empty_eval_file, margin_column_missing,
-    unknown_local_model, model_folder_without_config, unknown_embedded_model, pickle_only_model,
+    every_pair_chosen_equals_rejected, every_pair_has_an_empty_side, unknown_local_model, model_folder_without_config, unknown_embedded_model, pickle_only_model,
     tokenizer_without_chat_template, output_dir_not_writable,
 ]
 

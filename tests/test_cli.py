@@ -135,7 +135,10 @@ def test_multi_process_goes_through_accelerate_launch(tmp_path):
     cfg = load_config(config, ["sft.max_steps=2"])
     assert needs_accelerate(cfg)
     cmd = accelerate_command("sft", cfg, str(config), ["sft.max_steps=2"])
-    assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert cmd[:3] == [sys.executable, "-m", "rlhf.accelerate_launch"]  # accelerate launch, keeping the exit status
+    from accelerate.commands.launch import launch_command_parser
+
+    assert launch_command_parser().parse_args(cmd[3:]).num_processes == 2  # the arguments are accelerate's own
     assert cmd[cmd.index("--num_processes") + 1] == "2"
     script = Path(cmd[cmd.index("--config") - 1])
     assert script == REPO / "stages" / "sft.py" and script.is_file()

@@ -173,10 +173,52 @@ def test_ppo_damaged_checkpoint_falls_back_to_the_previous_one(tiny_ppo_run, tmp
 
     root = _ppo_checkpoints(tiny_ppo_run, tmp_path)
     config_hash = stage_hash(load_config(tiny_ppo_run), "ppo")
-    # Only the newest checkpoint keeps its optimizer state; give step-2 one so it can be resumed.
-    shutil.copy(root / "step-4" / "optimizer.pt", root / "step-2" / "optimizer.pt")
+    assert (root / "step-2" / "optimizer.pt").is_file()  # the run itself kept it (the newest two keep theirs)
     f = root / "step-4" / "trainable.safetensors"
     f.write_bytes(f.read_bytes()[:-32])
     with caplog.at_level(logging.WARNING, logger="rlhf.ppo.trainer"):
         assert latest_resumable(root, config_hash) == root / "step-2"
     assert "skipping damaged checkpoint" in caplog.text and "trainable.safetensors is truncated" in caplog.text
+
+
+def test_ppo_resumes_from_the_previous_checkpoint_when_a_crash_damaged_the_newest(tiny_ppo_run, tmp_path, monkeypatch,
+                                                                                  caplog):
+    """The state a crash leaves when the newest checkpoint's files had not all reached the disk: the
+    run writes step-4 through its real save path with trainable.safetensors cut short, and dies right
+    after (the rename done, older checkpoints' optimizer state handled as the code does). The rerun
+    skips step-4 with a warning, resumes from step-2 and ends with the unbroken run's adapter."""
+    import safetensors.torch
+
+    import rlhf.ppo.trainer as T
+    from tests.test_numerical import cli, copy_stages, max_diff
+
+    config = copy_stages(tiny_ppo_run, tmp_path, ("sft", "rm"))
+    cfg = load_config(config)
+    real_save_file, real_save_checkpoint = safetensors.torch.save_file, T.save_checkpoint
+
+    def cut_short(tensors, filename, *args, **kwargs):
+        real_save_file(tensors, filename, *args, **kwargs)
+        path = Path(filename)
+        if path.name == "trainable.safetensors" and path.parent.name.startswith("step-4.tmp-"):
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def then_killed(ckpt_root, step, *args, **kwargs):
+        out = real_save_checkpoint(ckpt_root, step, *args, **kwargs)
+        if step == 4:
+            raise SystemExit(137)  # the process dies right after writing the checkpoint
+        return out
+
+    monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
+    monkeypatch.setattr(T, "save_checkpoint", then_killed)
+    assert cli("ppo", "--config", str(config)).exit_code == 137
+    monkeypatch.undo()
+    root = cfg.stage_dir("ppo") / "checkpoints"
+    assert file_problem(root / "step-4" / "trainable.safetensors") == "trainable.safetensors is truncated"
+
+    with caplog.at_level(logging.INFO, logger="rlhf.ppo.trainer"):
+        result = cli("ppo", "--config", str(config))
+    assert result.exit_code == 0, result.output
+    assert f"skipping damaged checkpoint {root / 'step-4'}" in caplog.text
+    assert f"resuming PPO from {root / 'step-2'} (step 2 of 4)" in caplog.text
+    ref = load_config(tiny_ppo_run).stage_dir("ppo") / "adapter" / "adapter_model.safetensors"
+    assert max_diff(ref, cfg.stage_dir("ppo") / "adapter" / "adapter_model.safetensors") <= 1e-6

@@ -98,8 +98,9 @@ def _worker(rank: int, port: int, tmp: str) -> None:
 
     from rlhf.ppo.advantages import make_kl_controller, masked_whiten
     from rlhf.ppo.trainer import (
-        GradientAverager, _restore_rank_rng, _save_all_processes, average_metrics, cross_process_whiten,
-        latest_resumable, load_checkpoint, mean_across_processes, seed_everything,
+        Agreement, GradientAverager, TrainingDiverged, _backward, _restore_rank_rng, _save_all_processes, average_metrics,
+        check_finite, cross_process_whiten, latest_resumable, load_checkpoint, mean_across_processes, seed_everything,
+        sum_across_processes,
     )
     from rlhf.stage_script import init_processes
 
@@ -172,6 +173,17 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     assert draws() == after
     assert len({json.dumps(d) for d in gather_object([after])}) == WORLD  # each process samples differently
     assert (ckpt / "rng-rank1.pt").is_file() and not (ckpt / "rng-rank0.pt").exists()
+
+    # Finiteness is decided together: a NaN on process 1 alone makes both raise the same error at the
+    # same point (neither is left waiting in a collective); finite everywhere, neither raises.
+    agreement = Agreement(rank, WORLD, sum_across_processes)
+    scores = torch.tensor([1.0, float("nan") if rank == 1 else 2.0])
+    with pytest.raises(TrainingDiverged, match=r"^scores contains NaN or inf on process 1 of 2$"):
+        check_finite(agreement, kl=torch.zeros(2), scores=scores)
+    check_finite(agreement, kl=torch.zeros(2))
+    loss = torch.tensor(float("inf") if rank == 0 else 0.5, requires_grad=True)
+    with pytest.raises(TrainingDiverged, match=r"^PPO loss is NaN or inf on process 0 of 2$"):
+        _backward(loss, loss, None, agreement)
     state.wait_for_everyone()  # as stage_script does: no process tears down while another is in a collective
     state.destroy_process_group()
 
@@ -203,7 +215,7 @@ def test_run_all_with_two_processes(tmp_path):
                            "--set", "launcher.num_processes=2", "--set", "eval.enabled=false"],  # the three stages only
                           capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    assert proc.stderr.count("accelerate.commands.launch") == 3
+    assert proc.stderr.count("-m rlhf.accelerate_launch") == 3
     cfg = load_config(config)
     for stage in ("sft", "rm", "ppo"):
         manifest = json.loads((cfg.stage_dir(stage) / "manifest.json").read_text())
@@ -243,3 +255,118 @@ def test_launched_output_streams_and_its_errors_come_back_once():
     returncode, errors = run_streaming([sys.executable, "-c", script], dict(os.environ))
     assert returncode == 2
     assert errors == ["data.jsonl, line 3: no prompt", "second problem"]
+
+
+# ---------------------------------------------------------------------------- faults in one of 2 processes
+
+
+def test_launch_outcome_keeps_the_workers_status():
+    """What `rlhf <stage>` (and so run-all) exits with after a multi-process failure, and its one line."""
+    from rlhf.accelerate_launch import WorkerExit, outcome
+
+    status, line = outcome([WorkerExit(1, 3), WorkerExit(0, 3)], 2)
+    assert status == 3 and line.startswith("all 2 processes stopped with exit status 3 (the training diverged")
+    status, line = outcome([WorkerExit(0, 2), WorkerExit(1, -15)], 2)
+    assert status == 2 and line.startswith("process 0 of 2 stopped with exit status 2 (a user mistake")
+    status, line = outcome([WorkerExit(1, -9, 4242), WorkerExit(0, 1)], 2)  # the other lost its peer and stopped
+    assert (status, line.split(";")[0]) == (1, "process 1 of 2 was killed by SIGKILL, pid 4242")
+    status, line = outcome([WorkerExit(1, -15), WorkerExit(0, 1)], 2)  # a crash; the launcher SIGTERMed the other
+    assert status == 1 and line.startswith("process 0 of 2 failed with exit status 1")
+    assert outcome([WorkerExit(0, -15)], 2)[1].startswith("process 0 of 2 was killed by SIGTERM")
+
+
+# Fault injection inside the launched processes: a sitecustomize on PYTHONPATH wraps the policy loss of
+# process FAULT_RANK, after FAULT_AFTER calls (one per PPO epoch and micro-batch: tiny PPO makes 2 per
+# step), to return NaN or to SIGKILL its own process.
+SITECUSTOMIZE = """
+import os
+if os.environ.get("RANK") == os.environ.get("FAULT_RANK"):
+    import signal
+    import rlhf.ppo.trainer as T
+    real, calls = T.policy_loss, [0]
+    def faulty(*args, **kwargs):
+        calls[0] += 1
+        loss, stats = real(*args, **kwargs)
+        if calls[0] > int(os.environ["FAULT_AFTER"]):
+            if os.environ["FAULT_KIND"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            loss = loss * float("nan")
+        return loss, stats
+    T.policy_loss = faulty
+"""
+
+
+def _ppo_only(tiny_rm_run: Path, tmp_path: Path) -> Path:
+    """A config in tmp_path whose run folder holds copies of tiny_rm_run's finished SFT and RM stages."""
+    import shutil
+
+    from rlhf.config import load_config
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = write_config(tmp_path)
+    src, dst = load_config(tiny_rm_run), load_config(config)
+    for stage in ("sft", "rm"):
+        shutil.copytree(src.stage_dir(stage), dst.stage_dir(stage), ignore=shutil.ignore_patterns("checkpoints"))
+    return config
+
+
+def _run_all_2(config: Path, fault: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if fault:
+        inject = config.parent / "inject"
+        inject.mkdir(exist_ok=True)
+        (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        env.update(PYTHONPATH=str(inject), **{f"FAULT_{k.upper()}": str(v) for k, v in fault.items()})
+    return subprocess.run([sys.executable, "-m", "rlhf.cli", "run-all", "--config", str(config),
+                           "--set", "launcher.num_processes=2", "--set", "eval.enabled=false"],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+
+
+def _errors(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def _ppo_status(config: Path) -> str:
+    from rlhf.config import load_config
+
+    return json.loads((load_config(config).stage_dir("ppo") / "manifest.json").read_text())["status"]
+
+
+def test_nan_on_one_process_stops_every_process_with_exit_status_3(tiny_rm_run, tmp_path):
+    """NaN in process 1's policy loss at step 3: both processes agree on it before the backward (no one
+    waits in the gradient all-reduce), both exit 3, the launcher keeps 3, and so does run-all; the
+    stage is marked failed, and the checkpoint of step 2 is kept."""
+    config = _ppo_only(tiny_rm_run, tmp_path)
+    proc = _run_all_2(config, {"rank": 1, "kind": "nan", "after": 4})
+    assert proc.returncode == 3, proc.stderr[-4000:]
+    errors = _errors(proc)
+    assert errors[0] == "error: PPO loss is NaN or inf on process 1 of 2", errors
+    assert "error: all 2 processes stopped with exit status 3 (the training diverged, see the error above)" in errors
+    assert errors[-1].startswith("error: the ppo stage failed (exit status 3)")
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert _ppo_status(config) == "failed"
+    assert sorted(p.name for p in (config.parent / "runs" / "tiny" / "ppo" / "checkpoints").iterdir()) == ["step-2"]
+
+
+def test_sigkill_of_one_process_stops_the_others_and_a_rerun_resumes_to_the_unbroken_result(tiny_rm_run, tmp_path):
+    """Process 1 of a 2-process PPO stage is SIGKILLed in step 3: the launcher stops process 0, run-all
+    exits non-zero and its last lines say which process was killed (no traceback), and a rerun resumes
+    from step 2 to the adapter of an unbroken 2-process run, exactly."""
+    from tests.test_numerical import max_diff
+
+    unbroken = _ppo_only(tiny_rm_run, tmp_path / "unbroken")
+    assert _run_all_2(unbroken).returncode == 0
+    config = _ppo_only(tiny_rm_run, tmp_path / "killed")
+    proc = _run_all_2(config, {"rank": 1, "kind": "kill", "after": 4})
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    errors = _errors(proc)
+    assert any(e.startswith("error: process 1 of 2 was killed by SIGKILL, pid ") for e in errors), errors
+    assert errors[-1].startswith("error: the ppo stage failed (exit status 1)")
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
+    assert _ppo_status(config) in ("failed", "running")  # process 0 may be stopped before it records the failure
+
+    proc = _run_all_2(config)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resuming PPO from" in proc.stderr and "step-2 (step 2 of 4)" in proc.stderr
+    adapter = Path("ppo") / "adapter" / "adapter_model.safetensors"
+    assert max_diff(unbroken.parent / "runs" / "tiny" / adapter, config.parent / "runs" / "tiny" / adapter) <= 1e-6

@@ -29,7 +29,8 @@ from rlhf.tracking import MetricsWriter, read_metrics
 from tests.conftest import write_config
 
 
-def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32):
+def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32,
+               score_mean: float = 0.0):
     from transformers import AutoModelForCausalLM
 
     cfg = load_config(config_path)
@@ -37,7 +38,8 @@ def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, 
     tok = load_tokenizer(cfg.model, str(sft))
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype)
-    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy)
+    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy,
+                        score_mean=score_mean)
     return cfg, tok, roles
 
 
@@ -165,6 +167,36 @@ def test_value_starts_as_the_reward(roles_env):
     assert torch.equal(v, r)
 
 
+def test_value_starts_centred_on_the_scores_ppo_trains_on(tiny_rm_run):
+    """PPO's rewards are RM scores minus the RM's training score_mean: at step 0 the critic's value at
+    the last real token equals that centred score (each, hence their mean), not the raw score."""
+    from rlhf.ppo.stage import _rm_score_mean
+
+    mean = _rm_score_mean(load_config(tiny_rm_run))
+    assert abs(mean) > 1e-3  # an offset the test can see
+    cfg, tok, roles = make_roles(tiny_rm_run, score_mean=mean)
+    ro = rollout_for(cfg, tok, roles, n=4)
+    last = last_valid_index(ro.attention_mask.bool()).unsqueeze(1)
+    with torch.no_grad():
+        values = head_forward(roles, "value", roles.value_head, ro.input_ids, ro.attention_mask).gather(1, last).squeeze(1)
+    centred = ro.scores - mean
+    assert torch.allclose(values, centred, atol=1e-5)
+    assert values.mean().item() == pytest.approx(centred.mean().item(), abs=1e-5)
+
+
+def test_ppo_stage_starts_its_critic_centred(tiny_ppo_run):
+    """The stage passes the RM's score_mean on: its checkpoints' value head has a bias near -score_mean
+    (4 small value updates from it by step 2)."""
+    from safetensors.torch import load_file
+
+    from rlhf.ppo.stage import _rm_score_mean
+
+    cfg = load_config(tiny_ppo_run)
+    mean = _rm_score_mean(cfg)
+    bias = load_file(str(cfg.stage_dir("ppo") / "checkpoints" / "step-2" / "trainable.safetensors"))["value_head.bias"]
+    assert abs(bias.item() + mean) < abs(mean) / 2
+
+
 # ---------------------------------------------------------------------------- rollout (items 2, 3, 4, 7)
 
 
@@ -262,6 +294,55 @@ def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm
         assert current[name] is param and torch.equal(param, value)
 
 
+def _folder_with_foreign_generation_config(tiny_rm_run, tmp_path: Path) -> Path:
+    """A copy of sft/model whose generation_config.json sets everything PPO must not inherit."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(load_config(tiny_rm_run).stage_dir("sft") / "model", folder)
+    path = folder / "generation_config.json"
+    gen = json.loads(path.read_text())
+    gen.update(do_sample=True, temperature=3.0, top_k=5, top_p=0.5, min_p=0.2, typical_p=0.8, no_repeat_ngram_size=1,
+               repetition_penalty=1.8, suppress_tokens=list(range(100, 140)), bad_words_ids=[[i] for i in range(140, 150)],
+               eos_token_id=list(range(150, 260)), min_new_tokens=2)
+    path.write_text(json.dumps(gen))
+    return folder
+
+
+@pytest.mark.parametrize("stop", ["eos", None])
+def test_sampling_inherits_nothing_from_the_model_folder(tiny_rm_run, tmp_path, monkeypatch, stop):
+    """transformers fills every generation field left unset from the model's generation_config.json.
+    With a folder that sets top_k, min_p, typical_p, n-gram and repetition rules, suppressed and banned
+    tokens and a list of EOS ids, the sampler still draws from softmax(logits / T): the probability it
+    gave each sampled token equals the forward pass's log-prob; and with stop_token null every counted
+    position was sampled (no EOS from the file ends a response early)."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(tiny_rm_run)
+    tok = load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model"))
+    base = AutoModelForCausalLM.from_pretrained(_folder_with_foreign_generation_config(tiny_rm_run, tmp_path))
+    assert base.generation_config.min_p == 0.2  # the folder's settings did load
+    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter")
+    real, sampled = torch.multinomial, []
+
+    def recording(probs, num_samples, *args, **kwargs):
+        out = real(probs, num_samples, *args, **kwargs)
+        sampled.append(probs.gather(1, out).log().squeeze(1))
+        return out
+
+    monkeypatch.setattr(torch, "multinomial", recording)
+    _, prompts = tokenized_prompts(cfg, tok)
+    q, qm = left_pad(prompts[:4], tok.pad_token_id)
+    torch.manual_seed(0)
+    ro = collect_rollout(roles, q, qm, response_length=12, temperature=0.7,
+                         stop_id=tok.eos_token_id if stop else None, pad_id=tok.pad_token_id, micro_batch_size=4)
+    monkeypatch.undo()
+    if stop is None:
+        assert len(sampled) == 12 and bool(ro.response_mask.all())  # 12 sampled tokens per row, all of them counted
+    steps = torch.stack(sampled, dim=1)[:, :ro.response_ids.shape[1]]
+    assert torch.allclose(steps[ro.response_mask], ro.logprobs[ro.response_mask], atol=1e-4)
+
+
 def test_rollout_masks_scores_and_padding(roles_env):
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=4, response_length=12)
@@ -322,6 +403,21 @@ def test_value_loss_leaves_policy_adapter_untouched(roles_env):
     roles.value_head.zero_grad(set_to_none=True)
 
 
+def test_value_on_policy_value_loss_never_moves_the_policy(tiny_rm_run):
+    """value_head_on_policy: one forward gives log-probs and values, but the value's gradient stops at
+    the policy's features: a value loss alone leaves every policy LoRA gradient empty and trains the head."""
+    cfg, tok, roles = make_roles(tiny_rm_run, value_on_policy=True)
+    ro = rollout_for(cfg, tok, roles, n=2, micro=2)
+    roles.model.zero_grad(set_to_none=True)
+    _, _, values = response_logprobs(roles, ro.input_ids, ro.attention_mask, ro.response_ids, 0.7, "policy",
+                                     need_values=True)
+    loss, _ = value_loss(values, ro.values, ro.values + 1.0, ro.response_mask)
+    loss.backward()
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in roles.policy_parameters())
+    assert roles.value_parameters() == list(roles.value_head.parameters())
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in roles.value_parameters())
+
+
 def test_advantages_are_whitened_over_valid_tokens(roles_env):
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=4)
@@ -366,7 +462,7 @@ def test_resume_gives_identical_weights(tiny_rm_run, tmp_path):
     assert _loop(cfg, tok, roles, tmp_path / "b") == last and last
     assert max((unbroken[k] - resumed[k]).abs().max().item() for k in unbroken) <= 1e-6
     assert [d.name for d in checkpoint_dirs(tmp_path / "b")] == ["step-2", "step-4"]
-    assert not (tmp_path / "b" / "step-2" / "optimizer.pt").exists()  # only the latest keeps optimizer state
+    assert (tmp_path / "b" / "step-2" / "optimizer.pt").is_file()  # the newest two keep their optimizer state
 
 
 def test_nan_scores_abort_and_keep_last_checkpoint(tiny_rm_run, tmp_path):

@@ -4,7 +4,10 @@
 - `policy`: new, trainable (LoRA dropout 0: PPO runs without dropout);
 - `reward`: the RM stage's LoRA weights, frozen, with its score head (a Linear(hidden, 1));
 - `value`: a copy of the reward adapter and head, trainable (critic initialised from the RM,
-  as in InstructGPT, N+, DeepSpeed-Chat and OpenRLHF);
+  as in InstructGPT, N+, DeepSpeed-Chat and OpenRLHF), its head's bias lowered by the RM's
+  training `score_mean`: PPO's rewards are scores minus that mean, so the critic starts centred
+  on them instead of offset by the mean (which GAE would turn into a length-dependent bias of
+  every advantage until the critic caught up);
 and the reference policy is the base with every adapter disabled, which is exactly the SFT
 model because SFT was merged into the base.
 
@@ -181,14 +184,28 @@ def _load_lora_weights(model: nn.Module, adapter_dir: Path, adapter_name: str) -
         raise ValueError(f"{adapter_dir}: {len(missing)} LoRA weights of adapter '{adapter_name}' were not in the file (first: {missing[0]})")
 
 
+def centred_value_head(reward_adapter_dir: Path, hidden_size: int, score_mean: float) -> nn.Linear:
+    """The critic's head at the start: the reward head with a bias, lowered by `score_mean`, so
+    that V = RM score - score_mean, the centred score PPO's rewards are made of. Float32, trainable."""
+    reward = load_score_head(reward_adapter_dir, hidden_size, torch.float32)
+    head = nn.Linear(hidden_size, 1, bias=True, dtype=torch.float32)
+    with torch.no_grad():
+        head.weight.copy_(reward.weight)
+        head.bias.fill_(-float(score_mean))
+        if reward.bias is not None:
+            head.bias.add_(reward.bias)
+    return head
+
+
 def build_roles(
-    base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False
+    base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False, score_mean: float = 0.0
 ) -> Roles:
     """Wrap a loaded causal LM (`sft/model`) into the four PPO roles.
 
     base: AutoModelForCausalLM, frozen here. policy_lora: a peft LoraConfig for the policy (its
     dropout is forced to 0). reward_adapter_dir: the RM stage's `rm/adapter` (LoRA weights +
-    score_head.safetensors)."""
+    score_head.safetensors). score_mean: the RM's training mean, which PPO subtracts from scores;
+    the value head starts lowered by it (centred_value_head)."""
     from peft import get_peft_model
 
     base.requires_grad_(False)
@@ -199,7 +216,7 @@ def build_roles(
     _load_lora_weights(model, reward_adapter_dir, "reward")
     hidden = base.config.get_text_config().hidden_size
     reward_head = load_score_head(reward_adapter_dir, hidden, torch.float32).requires_grad_(False)
-    value_head = load_score_head(reward_adapter_dir, hidden, torch.float32).requires_grad_(True)
+    value_head = centred_value_head(reward_adapter_dir, hidden, score_mean).requires_grad_(True)
     if not value_on_policy:
         model.add_adapter("value", reward_cfg)
         _load_lora_weights(model, reward_adapter_dir, "value")

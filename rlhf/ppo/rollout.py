@@ -82,21 +82,54 @@ def truncate_at_stop(tokens: torch.Tensor, stop_id: int | None, pad_id: int) -> 
     return tokens.masked_fill(~mask, pad_id), mask, has_stop
 
 
+def pinned_generation_config(max_new_tokens: int, temperature: float, stop_id: int | None, pad_id: int):
+    """The whole sampling configuration, every field chosen here (PPO.md item 4): plain sampling from
+    softmax(logits / T) (top_k 0, top_p 1; temperature 0 = greedy), no length, repetition or n-gram
+    rules, no suppressed or banned tokens, one sequence, KV cache on, stopping at `stop_id` only
+    (None: never, every response is max_new_tokens long).
+
+    Use it through generate_pinned: transformers fills every field left None from the model's own
+    generation_config.json (min_p, typical_p, no_repeat_ngram_size, suppress_tokens, bad_words_ids,
+    an eos_token_id when stop_id is None, ...), which would make the sampler's distribution differ
+    from the log-probs PPO trains on; the fields that are off only as None cannot be pinned by value."""
+    from transformers import GenerationConfig
+
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    # Fields left None here are the ones whose None means "off"; generate_pinned keeps the model's
+    # file from filling them, so transformers' global defaults (also "off") apply.
+    return GenerationConfig(
+        max_new_tokens=max_new_tokens, min_new_tokens=0, eos_token_id=stop_id, pad_token_id=pad_id, num_beams=1,
+        num_return_sequences=1, use_cache=True, repetition_penalty=1.0, no_repeat_ngram_size=0, typical_p=1.0,
+        epsilon_cutoff=0.0, eta_cutoff=0.0, renormalize_logits=False, remove_invalid_values=False, **sampling,
+    )
+
+
+def generate_pinned(model: torch.nn.Module, config, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`model.generate` with `config` (pinned_generation_config) and nothing else: the model's own
+    generation_config, which generate merges into every field left None, is swapped for `config`
+    during the call. `model`: a transformers causal LM or a peft model around one."""
+    import copy
+
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    own = lm.generation_config
+    lm.generation_config = copy.deepcopy(config)
+    try:
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)
+    finally:
+        lm.generation_config = own
+
+
 @torch.no_grad()
 def generate(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, response_length: int, temperature: float,
              stop_id: int | None, pad_id: int, adapter: str | None = "policy") -> torch.Tensor:
     """Sample (B, R) response tokens with `adapter` (folded into scratch weights, see
-    roles.merged_adapter; None = the reference): temperature T, top_k 0, top_p 1 (PPO.md item 4),
-    KV cache on, no repetition penalty. `generate` gets the attention mask only and derives
-    positions itself. Responses that stop early are right-padded to exactly R."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=response_length, min_new_tokens=0,
-        eos_token_id=stop_id, pad_token_id=pad_id, use_cache=True, repetition_penalty=1.0,
-    )
+    roles.merged_adapter; None = the reference) under pinned_generation_config: temperature T,
+    top_k 0, top_p 1 (PPO.md item 4), nothing inherited from the model folder. `generate` gets the
+    attention mask only and derives positions itself. Responses that stop early are right-padded
+    to exactly R."""
+    config = pinned_generation_config(response_length, temperature, stop_id, pad_id)
     with use_adapter(roles.model, None) if adapter is None else merged_adapter(roles.model, adapter):
-        out = roles.model.generate(input_ids=query_ids, attention_mask=query_mask.long(), generation_config=config)
+        out = generate_pinned(roles.model, config, query_ids, query_mask.long())
     response = out[:, query_ids.shape[1]:]
     if response.shape[1] < response_length:
         fill = torch.full((response.shape[0], response_length - response.shape[1]), pad_id, dtype=response.dtype,
@@ -111,7 +144,9 @@ def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: tor
     logits / T; plus the entropy (B, R) and, for the value-on-policy variant, values (B, R).
 
     Only the last R + 1 positions go through the LM head (`logits_to_keep`), since the prompt's
-    next-token logits are never used."""
+    next-token logits are never used. The value-on-policy variant reads the policy's final hidden
+    states detached: the value loss trains the value head only and never moves the policy adapter
+    (PPO.md: the value loss must not send gradients into the policy)."""
     R = response_ids.shape[1]
     with use_adapter(roles.model, adapter):
         out = roles.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
@@ -121,7 +156,7 @@ def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: tor
     values = None
     if need_values:
         hidden = out.hidden_states[-1][:, -R - 1:-1]
-        values = roles.value_head(hidden.float()).squeeze(-1)
+        values = roles.value_head(hidden.detach().float()).squeeze(-1)
     return logprobs, logits, values
 
 

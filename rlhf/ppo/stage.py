@@ -130,7 +130,8 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
             device = state.device  # this process's GPU
         base = AutoModelForCausalLM.from_pretrained(str(sft_model), **model_kwargs(cfg.model)).to(device)
         seed_everything(cfg.seed)  # the policy LoRA's random init (lora_A) must not depend on earlier RNG use
-        roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy)
+        roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy,
+                            score_mean=rm_mean)
         tracker = Tracker(cfg, STAGE) if is_main else None
         metrics = run_loop(roles, tokenizer, prompts, prompt_texts, cfg.ppo, seed=cfg.seed, rm_mean=rm_mean,
                            ckpt_root=ckpt_root, config_hash=config_hash,

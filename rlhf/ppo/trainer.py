@@ -111,10 +111,44 @@ def compute_advantages(rollout: Rollout, scores: torch.Tensor, ppo: PPOConfig, k
 # ---------------------------------------------------------------------------- update
 
 
+@dataclass(frozen=True)
+class Agreement:
+    """This process's place among the processes of a run, for the checks they must decide together.
+
+    A process that raised alone (e.g. on a NaN only it saw) would leave the others waiting forever
+    in their next collective (gradient averaging, whitening); so every finiteness check is summed
+    over the processes first, and all of them raise, at the same point, or none does."""
+
+    rank: int = 0
+    world: int = 1
+    sum_across: Callable[[torch.Tensor], torch.Tensor] | None = None  # needed when world > 1
+
+    def nonfinite(self, values: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+        """For each named tensor, the ranks of the processes where it holds NaN or inf (all processes
+        get the same answer; one small all-reduce when world > 1)."""
+        device = next(iter(values.values())).device
+        flags = torch.zeros((len(values), self.world), dtype=torch.float32, device=device)
+        for i, value in enumerate(values.values()):
+            flags[i, self.rank] = 0.0 if bool(torch.isfinite(value).all()) else 1.0
+        if self.world > 1:
+            flags = self.sum_across(flags)
+        return {name: [r for r in range(self.world) if flags[i, r] > 0] for i, name in enumerate(values)}
+
+    def where(self, ranks: list[int]) -> str:
+        """'' for one process, else ' on process 1 of 2' (for messages every process prints alike)."""
+        if self.world == 1:
+            return ""
+        return f" on process{'es' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {self.world}"
+
+
+ONE_PROCESS = Agreement()
+
+
 def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, scheduler, ppo: PPOConfig,
-               generator: torch.Generator) -> dict[str, float]:
+               generator: torch.Generator, agreement: Agreement = ONE_PROCESS) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout, reshuffled each epoch (PPO.md item 13); one optimizer
-    step per mini-batch, micro-batches accumulate gradients. Returns mean statistics."""
+    step per mini-batch, micro-batches accumulate gradients. Returns mean statistics. `agreement`:
+    every process checks each loss with the others before its backward (which averages gradients)."""
     B = rollout.response_ids.shape[0]
     mini = B // ppo.num_mini_batches
     micro = min(ppo.micro_batch_size, mini)
@@ -131,23 +165,25 @@ def ppo_update(roles: Roles, rollout: Rollout, adv: Advantages, optimizer, sched
                 mb = rollout.select(idx)
                 mask = mb.response_mask
                 adv_mb, ret_mb = adv.advantages[idx], adv.returns[idx]
-                if roles.value_on_policy:  # one forward gives logits and values: one joint backward
+                if roles.value_on_policy:
+                    # One forward gives logits and values; the value's gradient stops at the policy's
+                    # features, so this joint backward trains the policy with the policy loss alone.
                     new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask,
                                                                     mb.response_ids, ppo.temperature, "policy", True)
                     pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
                     vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
-                    _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf)
+                    _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf, agreement)
                 else:
                     # Separate adapters, separate graphs: backward each before building the next, so
                     # only one model's activations are alive at a time (the gradients are the same).
                     new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
                                                            ppo.temperature, "policy")
                     pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
-                    _backward(pg / n_micro, pg, None)
+                    _backward(pg / n_micro, pg, None, agreement)
                     del new_logprobs
                     new_values = token_values(roles, mb.input_ids, mb.attention_mask, R)
                     vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
-                    _backward(ppo.vf_coef * vf / n_micro, pg, vf)
+                    _backward(ppo.vf_coef * vf / n_micro, pg, vf, agreement)
                 stats["pg_loss"].append(pg.item())
                 stats["vf_loss"].append(vf.item())
                 stats["approxkl"].append(pg_stats["approxkl"].item())
@@ -184,10 +220,13 @@ def _malloc_trim():
         return None
 
 
-def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None) -> None:
-    if not torch.isfinite(loss):
+def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None, agreement: Agreement = ONE_PROCESS) -> None:
+    bad = agreement.nonfinite({"loss": loss})["loss"]
+    if bad and agreement.world == 1:
         vf_text = "" if vf is None else f", value {vf.item()}"
         raise TrainingDiverged(f"PPO loss is {loss.item()} (policy {pg.item()}{vf_text})")
+    if bad:
+        raise TrainingDiverged(f"PPO loss is NaN or inf{agreement.where(bad)}")
     loss.backward()
     release_freed_memory()
 
@@ -259,11 +298,16 @@ def load_trainable_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
             target.copy_(value)
 
 
+RESUMABLE_CHECKPOINTS = 2  # the newest checkpoints that keep their optimizer state
+
+
 def save_checkpoint(ckpt_root: Path, step: int, roles: Roles, optimizer, scheduler, kl_ctl, generator, config_hash: str,
                     metrics: dict[str, float], rank_rng: list[bytes] | None = None) -> Path:
-    """Write checkpoints/step-N atomically; older checkpoints keep their adapters (for evaluation
-    along the run) but drop their optimizer state. `rank_rng`: the RNG states of processes 1.. of a
-    multi-process run (torch.save bytes), written as rng-rank{r}.pt (process 0's goes into optimizer.pt)."""
+    """Write checkpoints/step-N atomically. The newest RESUMABLE_CHECKPOINTS keep their optimizer
+    state, so a newest checkpoint found damaged (a crash before its files reached the disk) still
+    leaves one to resume from; older ones keep their adapters (for evaluation along the run) only.
+    `rank_rng`: the RNG states of processes 1.. of a multi-process run (torch.save bytes), written
+    as rng-rank{r}.pt (process 0's goes into optimizer.pt)."""
     from safetensors.torch import save_file
 
     def write(tmp: Path) -> None:
@@ -276,9 +320,8 @@ def save_checkpoint(ckpt_root: Path, step: int, roles: Roles, optimizer, schedul
             _rank_rng_file(tmp, r).write_bytes(rng)
 
     out = save_atomically(ckpt_root / f"step-{step}", write)
-    for old in checkpoint_dirs(ckpt_root):
-        if old != out:
-            (old / "optimizer.pt").unlink(missing_ok=True)
+    for old in checkpoint_dirs(ckpt_root)[:-RESUMABLE_CHECKPOINTS]:
+        (old / "optimizer.pt").unlink(missing_ok=True)
     return out
 
 
@@ -317,12 +360,14 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
 
     for torn in sorted(Path(ckpt_root).glob("step-*.tmp-*")) if Path(ckpt_root).is_dir() else []:
         log.warning("skipping incomplete checkpoint %s (the run was killed while writing it)", torn)
+    ours = False  # a checkpoint of this config was found (resumable or not)
     for d in reversed(checkpoint_dirs(ckpt_root)):
         try:
             state = json.loads((d / "state.json").read_text())
         except (json.JSONDecodeError, OSError):
             log.warning("skipping unreadable checkpoint %s", d)
             continue
+        ours = ours or state.get("config_hash") == config_hash
         if state.get("config_hash") != config_hash or not (d / "optimizer.pt").is_file():
             continue
         problem = file_problem(d / "trainable.safetensors") or file_problem(d / "optimizer.pt")
@@ -330,6 +375,8 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
             log.warning("skipping damaged checkpoint %s (%s)", d, problem)
             continue
         return d
+    if ours:
+        log.warning("none of the checkpoints in %s can be resumed from; PPO starts again from step 0", ckpt_root)
     return None
 
 
@@ -386,10 +433,11 @@ def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig,
     return warnings
 
 
-def check_finite(**values: torch.Tensor) -> None:
-    for name, value in values.items():
-        if not torch.isfinite(value).all():
-            raise TrainingDiverged(f"{name} contains NaN or inf")
+def check_finite(agreement: Agreement = ONE_PROCESS, **values: torch.Tensor) -> None:
+    """Raise TrainingDiverged, on every process alike, if a value holds NaN or inf on any process."""
+    for name, ranks in agreement.nonfinite(values).items():
+        if ranks:
+            raise TrainingDiverged(f"{name} contains NaN or inf{agreement.where(ranks)}")
 
 
 def step_metrics(rollout: Rollout, adv: Advantages, update: dict[str, float], kl_coef: float, lr: float, episode: int,
@@ -614,8 +662,9 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
             _restore_rank_rng(ckpt, rank, world, seed, start, generator)
         log.info("resuming PPO from %s (step %d of %d)", ckpt, start, ppo.steps)
     device = next(roles.model.parameters()).device
-    whiten, averager = None, None
+    whiten, averager, agreement = None, None, ONE_PROCESS
     if world > 1:
+        agreement = Agreement(rank, world, sum_across_processes)
         whiten = cross_process_whiten()
         averager = GradientAverager([roles.policy_parameters(), roles.value_parameters()], optimizer)
     stop_id = None
@@ -640,12 +689,12 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                                       micro_batch_size=ppo.micro_batch_size, reward_fn=reward_fn,
                                       score_suffix=score_suffix)
             release_freed_memory()
-            check_finite(scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
+            check_finite(agreement, scores=rollout.scores, logprobs=rollout.logprobs, ref_logprobs=rollout.ref_logprobs)
             scores = final_scores(rollout.scores, rollout.has_stop, ppo, rm_mean, whiten, rm_std)
             adv = compute_advantages(rollout, scores, ppo, kl_ctl.value, whiten)
-            check_finite(kl=adv.kl, advantages=adv.advantages)
+            check_finite(agreement, kl=adv.kl, advantages=adv.advantages)
             t1 = time.perf_counter()
-            update = ppo_update(roles, rollout, adv, optimizer, scheduler, ppo, generator)
+            update = ppo_update(roles, rollout, adv, optimizer, scheduler, ppo, generator, agreement)
             t2 = time.perf_counter()
             episode = (step + 1) * ppo.rollout_batch_size * world
             kl_coef_used = kl_ctl.value
