@@ -20,7 +20,8 @@ from tests.conftest import write_config
 # Evaluations at every step of 6: on the tiny model this run's best RM checkpoint is not its last,
 # and two evaluations tie on accuracy (the tie-break by loss decides). With save_total_limit 2 (the
 # default) the rotation keeps only the latest checkpoint and the one it protects as the best.
-RM_RUN = {"rm": {"eval_steps": 1, "max_steps": 6, "save_total_limit": 2}}
+# 48 pairs: a run whose best evaluation (step 2) ties another in accuracy and is not the last step
+RM_RUN = {"rm": {"eval_steps": 1, "max_steps": 6, "save_total_limit": 2, "data": {"max_rows": 48}}}
 
 
 def _tensors(folder: Path) -> dict:
@@ -262,10 +263,10 @@ def test_rm_early_stopping_then_a_crash_before_export(tiny_sft_run, tmp_path, mo
 
 
 def test_sft_early_stopping_exports_the_lowest_held_out_loss(tmp_path):
-    """At this learning rate the tiny model's held-out loss rises at step 4: patience 1 stops
-    there, and the checkpoint of step 3 (the lowest loss) is exported, not the last."""
-    path = write_config(tmp_path, {"sft": {"eval_steps": 1, "max_steps": 6, "learning_rate": 0.05,
-                                           "early_stopping_patience": 1}})
+    """At this learning rate the tiny model's held-out loss (48 rows) rises at step 5: patience 1
+    stops there, and the checkpoint of step 4 (the lowest loss) is exported, not the last."""
+    path = write_config(tmp_path, {"sft": {"eval_steps": 1, "max_steps": 6, "learning_rate": 0.1,
+                                           "early_stopping_patience": 1, "data": {"max_rows": 48}}})
     cfg = load_config(path)
     rlhf.sft.run(cfg)
     stage = cfg.stage_dir("sft")
