@@ -3,6 +3,7 @@ finished tiny SFT stage that the RM and PPO tests build on (trained once per ses
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -17,6 +18,21 @@ TINY = REPO / "configs" / "tiny.yaml"
 os.environ.setdefault("RLHF_CACHE", str(REPO / ".cache" / "rlhf"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """Train on one torch thread, as the tests' own runs do (torch_threads below): results that are
+    compared exactly must come from the same thread count. Session fixtures run before the
+    autouse fixture of the first test that needs them, so they ask for it themselves."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -70,7 +86,8 @@ def tiny_sft_run(tmp_path_factory) -> Path:
 
     tmp = tmp_path_factory.mktemp("tiny-run")
     path = write_config(tmp)
-    run(load_config(path))
+    with one_torch_thread():
+        run(load_config(path))
     return path
 
 
@@ -81,7 +98,8 @@ def tiny_rm_run(tiny_sft_run) -> Path:
     from rlhf.config import load_config
     from rlhf.rm import run
 
-    run(load_config(tiny_sft_run))
+    with one_torch_thread():
+        run(load_config(tiny_sft_run))
     return tiny_sft_run
 
 
@@ -102,7 +120,8 @@ def tiny_ppo_run(tiny_rm_run, tmp_path_factory) -> Path:
     src = load_config(tiny_rm_run)
     for stage in ("sft", "rm"):
         shutil.copytree(src.stage_dir(stage), cfg.stage_dir(stage), ignore=shutil.ignore_patterns("checkpoints"))
-    run(cfg)
+    with one_torch_thread():
+        run(cfg)
     return path
 
 
@@ -119,5 +138,6 @@ def tiny_eval_run(tiny_ppo_run, tmp_path_factory) -> Path:
     path = write_config(tmp, {"eval": {"max_prompts": 8, "overopt_prompts": 4, "batch_size": 4}})
     cfg = load_config(path)
     shutil.copytree(load_config(tiny_ppo_run).run_dir, cfg.run_dir)
-    run(cfg)
+    with one_torch_thread():
+        run(cfg)
     return path

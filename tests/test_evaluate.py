@@ -446,14 +446,15 @@ def test_run_all_skips_a_current_eval_and_reruns_a_stale_one(tiny_eval_run, monk
     cfg = load_config(tiny_eval_run)
     assert eval_state(cfg) == (True, "")
     launched = []
-    monkeypatch.setattr(pipeline.subprocess, "run", lambda cmd, **kw: launched.append(cmd) or type("R", (), {"returncode": 0}))
+    monkeypatch.setattr(pipeline, "_run_command",
+                        lambda command, config_path, overrides, *a, **kw: launched.append([command, config_path, *overrides]) or 0)
     said = []
     pipeline.run_all(cfg, str(tiny_eval_run), [], echo=said.append)
-    assert launched == [] and said[-1].startswith("eval: up to date, skipped")
+    assert launched == [] and any(line.startswith("eval: up to date, skipped") for line in said)
     changed = load_config(tiny_eval_run, ["eval.max_prompts=5"])
     assert eval_state(changed)[0] is False
     pipeline.run_all(changed, str(tiny_eval_run), ["eval.max_prompts=5"], echo=said.append)
-    assert launched == [[*launched[0][:3], "eval", "--config", str(tiny_eval_run), "--set", "eval.max_prompts=5"]]
+    assert launched == [["eval", str(tiny_eval_run), "eval.max_prompts=5"]]
     pipeline.run_all(load_config(tiny_eval_run, ["eval.enabled=false"]), str(tiny_eval_run), [], force=False, echo=said.append)
     assert len(launched) == 1
 

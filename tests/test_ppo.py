@@ -599,7 +599,7 @@ def test_ppo_needs_rm_stage(tiny_sft_run, tmp_path):
 
 def test_toy_reward_rises_with_bounded_kl(tiny_rm_run, tmp_path):
     """A hand-written reward (the number of response tokens that are lowercase letters, ~1 of 12
-    for the random tiny model) must rise clearly within 20 steps while KL stays bounded: the
+    for the random tiny model) must rise clearly within 30 steps while KL stays bounded: the
     optimiser works end to end. (The count, not the share: the critic starts from the tiny RM,
     whose value noise would drown a reward that varies by 0.1.)"""
     cfg, tok, roles = make_roles(tiny_rm_run, seed=0)
@@ -608,7 +608,7 @@ def test_toy_reward_rises_with_bounded_kl(tiny_rm_run, tmp_path):
     def letter_count(q, r, m):
         return (torch.isin(r, letters) & m).float().sum(1)
 
-    toy = cfg.ppo.model_copy(update=dict(steps=20, rollout_batch_size=8, micro_batch_size=8, ppo_epochs=4,
+    toy = cfg.ppo.model_copy(update=dict(steps=30, rollout_batch_size=8, micro_batch_size=8, ppo_epochs=4,
                                          response_length=12, learning_rate=3e-3, kl_coef=0.05, stop_token=None,
                                          save_every=100, sample_every=100))
     texts, prompts = tokenized_prompts(cfg, tok)
