@@ -449,10 +449,15 @@ def build(out: Path) -> dict[str, list[dict]]:
         chosen = take([prompts[k] for k in sorted(prompts)], ppo_n, f"ppo/{name}")
         files[f"ppo_{name}"] = [{"prompt": [{"role": "user", "content": p}]} for p in chosen]
 
+    write_files(out, files)
+    return files
+
+
+def write_files(out: Path, files: dict[str, list[dict]]) -> None:
+    """Every split as out/<name>.jsonl, in sorted order."""
     out.mkdir(parents=True, exist_ok=True)
     for fname in sorted(files):
         write_jsonl(out / f"{fname}.jsonl", files[fname])
-    return files
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,8 +49,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import build_demo  # noqa: E402  (the prompt source, the split and the seeded helpers)
-from build_demo import Dialogue, corpus_dir, norm, read_corpus, rng_for, split_keys, take, write_jsonl  # noqa: E402
+# build_demo.py's prompt source, split, seeded helpers and writer
+from build_demo import Dialogue, corpus_dir, norm, read_corpus, rng_for, split_keys, take, write_files  # noqa: E402
 
 # Samples per prompt: eval prompts are fewer, so they get more samples and up to two pairs each.
 SAMPLES_PER_PROMPT = {"train": 4, "eval": 8}
@@ -154,9 +154,7 @@ def build(out: Path) -> dict[str, list[dict]]:
                                 "chosen_ease": round(c_ease, 2), "rejected_ease": round(r_ease, 2)})
         files[f"rm_{name}"] = take(rm_rows, sizes["rm"], f"readability/rm/{name}")
 
-    out.mkdir(parents=True, exist_ok=True)
-    for fname in sorted(files):
-        write_jsonl(out / f"{fname}.jsonl", files[fname])
+    write_files(out, files)
     return files
 
 
@@ -171,5 +169,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    assert build_demo.SEED  # the seeded helpers above are build_demo's
     main()
