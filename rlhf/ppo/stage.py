@@ -37,28 +37,32 @@ def _save_policy_adapter(roles, out_dir: Path) -> Path:
     return save_atomically(out_dir, write)
 
 
-def _rm_score_mean(cfg: PipelineConfig) -> float:
-    from rlhf.runs import read_manifest
-
-    metrics = (read_manifest(cfg.stage_dir("rm")) or {}).get("metrics", {})
-    if "score_mean" not in metrics:
-        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has no score_mean; rerun the RM stage: "
-                        f"rlhf run-all --from rm --config {cfg.source or 'pipeline.yaml'}")
-    return float(metrics["score_mean"])
-
-
-def _rm_score_std(cfg: PipelineConfig) -> float:
-    """The RM's score std over its training responses: the unit of ppo.missing_eos_score/penalty."""
+def _rm_score_stat(cfg: PipelineConfig, key: str) -> float:
+    """A finite score statistic the RM stage recorded in its manifest (score_mean, score_std)."""
     import math
 
     from rlhf.runs import read_manifest
 
-    std = ((read_manifest(cfg.stage_dir("rm")) or {}).get("metrics") or {}).get("score_std")
-    if not isinstance(std, (int, float)) or not math.isfinite(std) or std <= 0:
-        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has no positive score_std (found {std!r}), the unit of "
-                        "ppo.missing_eos_score; rerun the RM stage: "
+    value = ((read_manifest(cfg.stage_dir("rm")) or {}).get("metrics") or {}).get(key)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has no {key} (found {value!r}); rerun the RM stage: "
                         f"rlhf run-all --from rm --config {cfg.source or 'pipeline.yaml'}")
-    return float(std)
+    return float(value)
+
+
+def _rm_score_mean(cfg: PipelineConfig) -> float:
+    """The RM's mean score over its training responses: PPO centres scores by it."""
+    return _rm_score_stat(cfg, "score_mean")
+
+
+def _rm_score_std(cfg: PipelineConfig) -> float:
+    """The RM's score std over its training responses: the unit of ppo.missing_eos_score/penalty."""
+    std = _rm_score_stat(cfg, "score_std")
+    if std <= 0:
+        raise UserError(f"{cfg.stage_dir('rm')}/manifest.json has score_std {std}, but the unit of "
+                        "ppo.missing_eos_score must be positive; rerun the RM stage: "
+                        f"rlhf run-all --from rm --config {cfg.source or 'pipeline.yaml'}")
+    return std
 
 
 def _processes():
