@@ -12,7 +12,6 @@ With `verbose` everything passes through as it comes, as before.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import subprocess
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf.config import PipelineConfig
+from rlhf.rm_gate import binomial_se
 
 LOG_FILE = "log.txt"
 OUR_LINE = re.compile(r"^(INFO|WARNING|ERROR|CRITICAL) rlhf[\w.]*: |^(WARNING|ERROR|CRITICAL) |^error: |^warning: |^launching: ")
@@ -110,11 +110,6 @@ def _width() -> int:
 # ---------------------------------------------------------------------------- headline figures
 
 
-def _se(p: float, n: int) -> float:
-    """Standard error of a proportion p over n trials: sqrt(p (1 - p) / n)."""
-    return math.sqrt(p * (1 - p) / n) if n else float("nan")
-
-
 def headline(cfg: PipelineConfig, stage: str) -> str:
     """The figure that matters for a finished stage, from its manifest (and eval/eval.json)."""
     from rlhf.runs import read_manifest
@@ -126,7 +121,7 @@ def headline(cfg: PipelineConfig, stage: str) -> str:
         return f"held-out loss {m['eval_loss']:.3f}"
     if stage == "rm" and isinstance(m.get("eval_accuracy"), (int, float)):
         n = int(m.get("eval_n_pairs") or 0)
-        return f"held-out accuracy {m['eval_accuracy']:.3f} ± {_se(m['eval_accuracy'], n):.3f} ({n} pairs)"
+        return f"held-out accuracy {m['eval_accuracy']:.3f} ± {binomial_se(m['eval_accuracy'], n):.3f} ({n} pairs)"
     if stage == "ppo":
         parts = [f"{label} {m[k]:+.3f}" for k, label in (("objective/scores", "RM score"), ("scores", "RM score"))
                  if isinstance(m.get(k), (int, float))][:1]

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from rlhf.config import PipelineConfig
+from rlhf.rm_gate import binomial_se
 
 CARD_FILE = "README.md"
 # Embedded bases: the hub repository each one is built from, and its licence.
@@ -83,11 +84,6 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def _binomial_se(p: float, n: int) -> float:
-    """Standard error of a proportion p over n independent trials: sqrt(p (1 - p) / n)."""
-    return math.sqrt(p * (1 - p) / n) if n > 0 else float("nan")
-
-
 def held_out_figures(cfg: PipelineConfig, stage: str, metrics: dict[str, Any]) -> list[tuple[str, str]]:
     """(figure, value) rows for a stage's card: its manifest metrics, rm/eval.json, eval/eval.json."""
     rows: list[tuple[str, str]] = []
@@ -99,7 +95,7 @@ def held_out_figures(cfg: PipelineConfig, stage: str, metrics: dict[str, Any]) -
     elif stage == "rm":
         acc, n = metrics.get("eval_accuracy"), metrics.get("eval_n_pairs")
         if isinstance(acc, (int, float)) and n:
-            rows.append(("held-out pair accuracy (ties 0.5)", f"{acc:.3f} ± {_binomial_se(acc, int(n)):.3f} over {n} pairs"))
+            rows.append(("held-out pair accuracy (ties 0.5)", f"{acc:.3f} ± {binomial_se(acc, int(n)):.3f} over {n} pairs"))
         for key, label in (("eval_margin_mean", "held-out mean margin r(chosen) - r(rejected)"),
                            ("train_accuracy", "training pair accuracy"), ("score_mean", "score mean (training responses)"),
                            ("score_std", "score std (training responses)"), ("global_step", "optimizer steps")):

@@ -28,8 +28,8 @@ CHANCE = 0.5
 
 
 def binomial_se(accuracy: float, n: int) -> float:
-    """Standard error of an accuracy measured on n pairs: sqrt(p·(1 - p) / n)."""
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n)
+    """Standard error of an accuracy measured on n pairs: sqrt(p·(1 - p) / n); NaN for n = 0."""
+    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n) if n > 0 else float("nan")
 
 
 @dataclass(frozen=True)
