@@ -168,7 +168,7 @@ def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> 
     if any(conversational) and not cfg.model.name_or_path.startswith(EMBEDDED_PREFIX) and local_model.is_dir():
         load_tokenizer(cfg.model, str(local_model), need_chat_template=True)  # raises if it has no template
     if cfg.eval.judge:
-        from rlhf.evaluate import load_judge
+        from rlhf.judges import load_judge
 
         load_judge(cfg.eval.judge)  # a judge that cannot be imported fails now, not after the training
         echo(f"eval.judge: {cfg.eval.judge} imports")
@@ -313,7 +313,8 @@ def eval_(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Evaluate the finished stages: RM held-out accuracy, PPO vs SFT win rate and KL, over-optimisation curve."""
     import json
 
-    from rlhf.evaluate import EVAL_FILE, run, summary_lines
+    from rlhf.eval_results import EVAL_FILE, summary_lines
+    from rlhf.evaluate import run
 
     cfg = _load(config, set_)
     with _writing(cfg, "rlhf eval"):
@@ -335,7 +336,7 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Print one response from a stage's merged model (sft/model or ppo/model) to a prompt."""
-    from rlhf.evaluate import generate_text
+    from rlhf.generate import generate_text
 
     typer.echo(generate_text(_load(config, set_), stage, prompt, max_new_tokens, temperature, seed))
 

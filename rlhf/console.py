@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from rlhf.config import PipelineConfig
-from rlhf.rm_gate import binomial_se
+from rlhf.stats import binomial_se
 
 LOG_FILE = "log.txt"
 OUR_LINE = re.compile(r"^(INFO|WARNING|ERROR|CRITICAL) rlhf[\w.]*: |^(WARNING|ERROR|CRITICAL) |^error: |^warning: |^launching: ")

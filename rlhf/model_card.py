@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from rlhf.config import PipelineConfig
-from rlhf.rm_gate import binomial_se
+from rlhf.stats import binomial_se
 
 CARD_FILE = "README.md"
 # Embedded bases: the hub repository each one is built from, and its licence.

@@ -13,6 +13,9 @@ Reads each stage's metrics.jsonl (rlhf.tracking.read_metrics) and writes into ru
                    stage table of `rlhf status`, a summary of eval/eval.json, and a samples table
                    (eval/samples.jsonl from `rlhf eval`, else the last step of ppo/samples.jsonl).
 A stage without metrics is skipped with a note, never an error.
+
+Every plot of the project is drawn here: also the two `rlhf eval` writes from its own figures,
+rm_calibration.png (plot_calibration) and overoptimisation.png (plot_overoptimisation).
 """
 
 from __future__ import annotations
@@ -219,6 +222,45 @@ def plot_sft_loss(rows: list[dict[str, Any]], path: Path) -> bool:
     return True
 
 
+def plot_calibration(bins: list[dict[str, float]], rm: dict[str, Any], path: Path) -> None:
+    """`rlhf eval`'s rm_calibration.png: per bin of |score difference| (stats.calibration_bins), the
+    held-out accuracy beside the Bradley-Terry prediction σ(|diff|)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    x = [b["abs_diff_mean"] for b in bins]
+    ax.plot(x, [b["accuracy"] for b in bins], "o-", label="held-out accuracy in bin")
+    ax.plot(x, [b["predicted"] for b in bins], "s--", color="grey", label="Bradley-Terry σ(|diff|)")
+    for b, xi in zip(bins, x):
+        ax.annotate(f"n={b['n']}", (xi, b["accuracy"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=7)
+    ax.axhline(0.5, color="black", lw=0.6, ls=":")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("|score(chosen) − score(rejected)| (bin mean)")
+    ax.set_ylabel("share of pairs ranked correctly")
+    ax.set_title(f"RM calibration: accuracy {rm['accuracy']:.2f} on {rm['n_pairs']} {rm['split']} pairs", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    _save(fig, path)
+
+
+def plot_overoptimisation(points: list[dict[str, Any]], path: Path, judge: str | None) -> None:
+    """`rlhf eval`'s overoptimisation.png: mean RM score (and judge score) against mean KL at step 0
+    and every PPO checkpoint, one panel each."""
+    plt = _pyplot()
+    panels = [("rm_score_mean", "mean RM score")] + ([("judge_mean", f"mean judge score ({judge})")] if judge else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    kl = [p["kl_mean"] for p in points]
+    for ax, (key, label) in zip(axes[0], panels):
+        y = [p[key] for p in points]
+        ax.plot(kl, y, "o-")
+        for p, xi, yi in zip(points, kl, y):
+            ax.annotate(f"step {p['step']}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("KL(policy ‖ SFT), nats per response")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    n = points[0]["n_prompts"] if points else 0
+    fig.suptitle(f"Reward vs KL along PPO ({n} held-out prompts per point)", fontsize=10)
+    _save(fig, path)
+
+
 # ---------------------------------------------------------------------------- the report
 
 
@@ -283,7 +325,7 @@ def eval_section(out_dir: Path) -> str:
         return ("<h2>Evaluation</h2><p class='note'>No eval/eval.json: run <code>rlhf eval</code> for RM accuracy, "
                 "PPO-vs-SFT win rate and KL on held-out data.</p>")
     try:
-        from rlhf.evaluate import summary_lines
+        from rlhf.eval_results import summary_lines
 
         lines = summary_lines(report, out_dir)[:-1]  # the last line names the files, shown here anyway
         body = "<ul>" + "".join(f"<li>{html.escape(line.strip())}</li>" for line in lines) + "</ul>"

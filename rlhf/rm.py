@@ -178,10 +178,13 @@ def score_sequences(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     return out
 
 
-def score_pairs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, records: Iterable[dict[str, Any]],
-                batch_size: int = 16) -> tuple[list[float], list[float]]:
+def score_pairs_with_classifier(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                                records: Iterable[dict[str, Any]],
+                                batch_size: int = 16) -> tuple[list[float], list[float]]:
     """Scores of the chosen and the rejected response of each explicit-prompt record
-    {prompt, chosen, rejected} (text or conversational, as rlhf.data.preference_records makes them).
+    {prompt, chosen, rejected} (text or conversational, as rlhf.data.preference_records makes them),
+    by a sequence-classification reward model (the exported rm/model, or the RM being trained).
+    `rlhf eval` scores pairs with the PPO reward role instead: rlhf.evaluate.score_pairs_with_reward_role.
 
     Returns (chosen_scores, rejected_scores), each (N,), tokenized as RewardTrainer does (`encode`)."""
     records = list(records)
@@ -418,13 +421,13 @@ def _evaluate(cfg: PipelineConfig, stage_dir: Path, data, device, step: int,
     # In the dtype it was saved in (model.export_dtype): a 16-bit cast would round part of the adapter off again.
     model, tokenizer = load_reward_model(stage_dir / "model", dtype="auto", device=device)
     batch = max(cfg.rm.batch_size * 2, 8)
-    train_c, train_r = score_pairs(model, tokenizer, data.train, batch)
+    train_c, train_r = score_pairs_with_classifier(model, tokenizer, data.train, batch)
     train = pairwise_metrics(train_c, train_r)
     all_train = train_c + train_r
     norm = {"score_mean": _mean(all_train), "score_std": _std(all_train)}
     held = None
     if data.eval is not None:
-        held = pairwise_metrics(*score_pairs(model, tokenizer, data.eval, batch))
+        held = pairwise_metrics(*score_pairs_with_classifier(model, tokenizer, data.eval, batch))
     del model
     report = {**(held or {"n_pairs": 0}), **norm, "train": train, "global_step": step,
               "ties_count_as": 0.5, "std": "population (ddof=0)", **selection}

@@ -22,14 +22,10 @@ from dataclasses import dataclass
 
 from rlhf.config import PipelineConfig
 from rlhf.errors import UserError
+from rlhf.stats import binomial_se
 
 log = logging.getLogger(__name__)
 CHANCE = 0.5
-
-
-def binomial_se(accuracy: float, n: int) -> float:
-    """Standard error of an accuracy measured on n pairs: sqrt(p·(1 - p) / n); NaN for n = 0."""
-    return math.sqrt(max(accuracy * (1.0 - accuracy), 0.0) / n) if n > 0 else float("nan")
 
 
 @dataclass(frozen=True)

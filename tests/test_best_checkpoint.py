@@ -192,11 +192,11 @@ def test_rm_exports_its_best_checkpoint_not_the_last(rm_best_run):
     # score_mean/score_std are the exported model's: rescoring the training pairs with rm/model gives them
     from rlhf.data import rm_data
     from rlhf.models import load_tokenizer
-    from rlhf.rm import load_reward_model, score_pairs
+    from rlhf.rm import load_reward_model, score_pairs_with_classifier
 
     model, tok = load_reward_model(stage / "model")
     data = rm_data(cfg, load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model")))
-    chosen, rejected = score_pairs(model, tok, data.train, 8)
+    chosen, rejected = score_pairs_with_classifier(model, tok, data.train, 8)
     scores = chosen + rejected
     assert report["score_mean"] == pytest.approx(sum(scores) / len(scores), abs=1e-6)
 

@@ -17,29 +17,23 @@ from typer.testing import CliRunner
 from rlhf.cli import app
 from rlhf.config import load_config
 from rlhf.errors import UserError
-from rlhf.evaluate import (
+from rlhf.eval_results import overoptimisation_warning, summary_metrics
+from rlhf.evaluate import compare_policy, eval_state, load_env, load_policy_adapter, load_policy_checkpoint
+from rlhf.judges import judge_scores, load_judge
+from rlhf.sampling import generate
+from rlhf.stats import (
     calibration_bins,
-    compare_policy,
     describe,
     eos_change_split,
-    eval_state,
     gain_decomposition,
-    judge_scores,
     kl_per_response,
     length_regression,
-    load_env,
-    load_judge,
-    load_policy_adapter,
-    load_policy_checkpoint,
     outcomes,
     overoptimisation_check,
-    overoptimisation_warning,
     paired_comparison,
     prompt_means,
     response_stats,
-    sample,
     stderr,
-    summary_metrics,
 )
 from tests.conftest import write_config
 
@@ -261,7 +255,7 @@ def fresh_env(tiny_ppo_run):
 
 
 def test_untrained_policy_against_sft_is_an_exact_tie(fresh_env):
-    """The SFT pass (adapters off, our sampling) and the policy pass (rollout.generate) draw the same
+    """The SFT pass (adapters off) and the policy pass (the policy folded in) draw the same
     tokens with the same seeds when the policy equals the reference: with 2 samples per prompt,
     every sample pair is identical, so every prompt ties and KL is exactly 0; the two samples of a
     prompt are different draws."""
@@ -284,14 +278,15 @@ def test_untrained_policy_against_sft_is_an_exact_tie(fresh_env):
 
 
 def test_both_samplers_draw_the_same_tokens(fresh_env):
-    from rlhf.ppo.rollout import left_pad
+    from rlhf.sampling import left_pad
 
     cfg, env, raw, prompts = fresh_env
     q, qm = left_pad(prompts[:3], env.pad_id)
+    settings = (env.response_length, env.temperature, env.stop_id, env.pad_id)
     torch.manual_seed(7)
-    a = sample(env, None, q, qm)
+    a = generate(env.roles, q, qm, *settings, adapter=None)
     torch.manual_seed(7)
-    b = sample(env, "policy", q, qm)
+    b = generate(env.roles, q, qm, *settings, adapter="policy")
     assert a.shape == (3, env.response_length) and torch.equal(a, b)
 
 
@@ -471,7 +466,7 @@ def test_eval_and_generate_name_the_missing_stage(tmp_path):
 
 
 def test_generate_prints_the_models_response(tiny_ppo_run):
-    from rlhf.evaluate import generate_text
+    from rlhf.generate import generate_text
 
     cfg = load_config(tiny_ppo_run)
     for stage in ("sft", "ppo"):

@@ -15,7 +15,7 @@ from rlhf.models import load_tokenizer, lora_config
 from rlhf.ppo.advantages import last_valid_index
 from rlhf.ppo.losses import logprobs_from_logits, value_loss
 from rlhf.ppo.roles import build_roles, head_forward, position_ids, use_adapter
-from rlhf.ppo.rollout import collect_rollout, left_pad, response_logprobs, sequence_scores, token_values, truncate_at_stop
+from rlhf.ppo.rollout import collect_rollout, response_logprobs, token_values
 from rlhf.ppo.trainer import (
     TrainingDiverged,
     checkpoint_dirs,
@@ -25,6 +25,7 @@ from rlhf.ppo.trainer import (
     run_loop,
     trainable_state,
 )
+from rlhf.sampling import left_pad, sequence_scores, truncate_at_stop
 from rlhf.tracking import MetricsWriter, read_metrics
 from tests.conftest import write_config
 
@@ -624,7 +625,7 @@ def test_toy_reward_rises_with_bounded_kl(tiny_rm_run, tmp_path):
 
 
 def test_append_after_stop_places_suffix_after_last_real_token():
-    from rlhf.ppo.rollout import append_after_stop
+    from rlhf.sampling import append_after_stop
 
     ids = torch.tensor([[0, 5, 6, 2, 0], [7, 8, 9, 9, 9]])
     mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
@@ -639,8 +640,8 @@ def test_policy_response_scored_as_the_rm_stage_scores_it(roles_env):
     from transformers import AutoModelForSequenceClassification
 
     from rlhf.models import turn_end_suffix
-    from rlhf.ppo.rollout import append_after_stop
     from rlhf.rm import encode
+    from rlhf.sampling import append_after_stop
 
     cfg, tok, roles = roles_env
     prompt = [{"role": "user", "content": "How are you?"}]

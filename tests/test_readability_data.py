@@ -89,7 +89,7 @@ def test_judge_loads_through_eval_and_scores_textstat():
     pytest.importorskip("textstat")
     import textstat
 
-    from rlhf.evaluate import load_judge
+    from rlhf.judges import load_judge
 
     judge = load_judge("rlhf.judges:reading_ease")
     text = "The cat sat on the mat. It was warm."

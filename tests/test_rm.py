@@ -16,7 +16,7 @@ from safetensors import safe_open
 from tests.conftest import write_config
 from rlhf.config import load_config
 from rlhf.errors import UserError
-from rlhf.rm import encode, pairwise_metrics, score, score_pairs
+from rlhf.rm import encode, pairwise_metrics, score, score_pairs_with_classifier
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": "What color is the sky?"}],
@@ -81,7 +81,7 @@ def test_pairwise_metrics_edges():
 
 @pytest.mark.parametrize("form", ["conversational", "text"])
 def test_scoring_matches_reward_trainer(tiny_sft_run, tmp_path, form):
-    """encode() gives RewardTrainer's token ids, and score_pairs() the rewards its loss sees."""
+    """encode() gives RewardTrainer's token ids, and score_pairs_with_classifier() the rewards its loss sees."""
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from trl import RewardConfig, RewardTrainer
@@ -103,7 +103,7 @@ def test_scoring_matches_reward_trainer(tiny_sft_run, tmp_path, form):
     batch = DataCollatorForPreference(pad_token_id=tok.pad_token_id)([prepared[i] for i in range(len(records))])
     with torch.no_grad():
         rewards = model.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-    chosen, rejected = score_pairs(model, tok, records, batch_size=2)
+    chosen, rejected = score_pairs_with_classifier(model, tok, records, batch_size=2)
     assert torch.allclose(torch.tensor(chosen + rejected), rewards, atol=1e-5)
 
 
@@ -149,8 +149,8 @@ def test_merged_equals_adapter_and_head_file(tiny_rm_run):
     base = AutoModelForSequenceClassification.from_pretrained(sft_model, num_labels=1)
     base.config.pad_token_id = tok.pad_token_id
     peft_model = PeftModel.from_pretrained(base, stage / "adapter").eval()
-    merged_scores = score_pairs(merged, tok, PAIRS, batch_size=4)
-    peft_scores = score_pairs(peft_model, tok, PAIRS, batch_size=4)
+    merged_scores = score_pairs_with_classifier(merged, tok, PAIRS, batch_size=4)
+    peft_scores = score_pairs_with_classifier(peft_model, tok, PAIRS, batch_size=4)
     assert torch.allclose(torch.tensor(merged_scores), torch.tensor(peft_scores), atol=1e-4)
     assert torch.tensor(merged_scores).std() > 0  # not a constant
 
@@ -216,7 +216,7 @@ def test_score_api_and_cli(tiny_rm_run):
     responses = ["Blue, on a clear day.", "Potato."]
     scores = score(cfg, "What color is the sky?", responses)
     assert len(scores) == 2 and all(isinstance(s, float) for s in scores)
-    chosen, rejected = score_pairs(*_load_rm(cfg), PAIRS[:1])
+    chosen, rejected = score_pairs_with_classifier(*_load_rm(cfg), PAIRS[:1])
     assert scores == pytest.approx([chosen[0], rejected[0]], abs=1e-5)  # strings became user/assistant turns
     from_dir = score(cfg.stage_dir("rm") / "model", PAIRS[0]["prompt"], [PAIRS[0]["chosen"]])
     assert from_dir == pytest.approx(chosen, abs=1e-5)

@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from rlhf.cli import app
 from rlhf.config import load_config
 from rlhf.errors import UserError
-from rlhf.rm_gate import binomial_se, check_before_ppo, gate_verdict, read_verdict
+from rlhf.rm_gate import check_before_ppo, gate_verdict, read_verdict
+from rlhf.stats import binomial_se
 from rlhf.status import stage_rows
 from tests.conftest import write_config
 

@@ -37,9 +37,10 @@ from rlhf.ppo.advantages import (
     whiten_advantages,
 )
 from rlhf.ppo.losses import explained_variance, policy_loss, value_loss
-from rlhf.ppo.rollout import Rollout, collect_rollout, left_pad, response_logprobs, token_values
+from rlhf.ppo.rollout import Rollout, collect_rollout, response_logprobs, token_values
 from rlhf.ppo.roles import Roles
 from rlhf.runs import save_atomically
+from rlhf.sampling import left_pad
 
 log = logging.getLogger(__name__)
 
