@@ -274,10 +274,10 @@ def test_forward_logprobs_match_generation(roles_env):
 
 
 def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm_run):
-    """Generation folds the policy LoRA into scratch weights (merged_adapter): with a trained-looking
-    policy, the sampler's log-probs equal the unfolded forward pass's within 1e-4 (and differ from
+    """Generation folds the policy LoRA into scratch weights (temporarily_merged): with a
+    trained-looking policy, the sampler's log-probs equal the unfolded forward pass's within 1e-4 (and differ from
     the reference's), and afterwards the base holds its own weight tensors, unchanged."""
-    from rlhf.ppo.roles import merged_adapter
+    from rlhf.ppo.roles import temporarily_merged
 
     cfg, tok, roles = make_roles(tiny_rm_run)
     torch.manual_seed(1)
@@ -286,7 +286,7 @@ def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm
             if ".policy." in name and "lora_B" in name:
                 p.normal_(0.0, 0.5)
     base = {n: (p, p.detach().clone()) for n, p in roles.model.named_parameters() if "lora_" not in n}
-    sampled, policy, reference = sampled_and_forward_logprobs(cfg, tok, roles, merged_adapter(roles.model, "policy"))
+    sampled, policy, reference = sampled_and_forward_logprobs(cfg, tok, roles, temporarily_merged(roles.model, "policy"))
     assert torch.allclose(policy, sampled, atol=1e-4)
     assert (policy - reference).abs().max() > 1e-2
     current = dict(roles.model.named_parameters())

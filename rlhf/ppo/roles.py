@@ -100,7 +100,7 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def merged_adapter(model: nn.Module, name: str) -> Iterator[None]:
+def temporarily_merged(model: nn.Module, name: str) -> Iterator[None]:
     """Run the block as adapter `name` with its LoRA folded into scratch copies of the weights it
     adapts, and every adapter off: the same function as `use_adapter(model, name)` up to rounding,
     for sampling.
