@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-SCORE_HEAD_FILE = "score_head.safetensors"
+from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
 
 
 @dataclass
