@@ -65,7 +65,8 @@ def run_ours(a) -> dict:
     from rlhf.config import LoraSection, ModelConfig, PPOConfig
     from rlhf.models import lora_config, torch_dtype
     from rlhf.ppo.roles import build_roles
-    from rlhf.ppo.trainer import run_loop, seed_everything
+    from rlhf.ppo.distributed import seed_everything
+    from rlhf.ppo.trainer import run_loop
     from rlhf.tracking import MetricsWriter
 
     tok = AutoTokenizer.from_pretrained(a.model_dir)

@@ -16,15 +16,9 @@ from rlhf.ppo.advantages import last_valid_index
 from rlhf.ppo.losses import logprobs_from_logits, value_loss
 from rlhf.ppo.roles import build_roles, head_forward, position_ids, use_adapter
 from rlhf.ppo.rollout import collect_rollout, left_pad, response_logprobs, sequence_scores, token_values, truncate_at_stop
-from rlhf.ppo.trainer import (
-    TrainingDiverged,
-    checkpoint_dirs,
-    compute_advantages,
-    final_scores,
-    prompt_indices,
-    run_loop,
-    trainable_state,
-)
+from rlhf.errors import TrainingDiverged
+from rlhf.ppo.checkpoint import checkpoint_dirs, trainable_state
+from rlhf.ppo.trainer import compute_targets, final_scores, prompt_indices, run_loop
 from rlhf.tracking import MetricsWriter, read_metrics
 from tests.conftest import write_config
 
@@ -237,8 +231,8 @@ def test_bfloat16_base_keeps_trained_and_compared_tensors_float32(tiny_rm_run):
     ppo = cfg.ppo.model_copy(update={"ppo_epochs": 1, "micro_batch_size": 2, "learning_rate": 1e-2})
     before = [p.detach().clone() for p in roles.policy_parameters()]
     optimizer, scheduler = make_optimizer(roles, ppo, 1)
-    adv = compute_advantages(ro, final_scores(ro.scores, ro.has_stop, ppo, 0.0), ppo, ppo.kl_coef)
-    stats = ppo_update(roles, ro, adv, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
+    targets = compute_targets(ro, final_scores(ro.scores, ro.has_stop, ppo, 0.0), ppo, ppo.kl_coef)
+    stats = ppo_update(roles, ro, targets, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert any(not torch.equal(b, p) for b, p in zip(before, roles.policy_parameters()))
 
@@ -421,10 +415,10 @@ def test_value_on_policy_value_loss_never_moves_the_policy(tiny_rm_run):
 def test_advantages_are_whitened_over_valid_tokens(roles_env):
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=4)
-    adv = compute_advantages(ro, ro.scores, cfg.ppo, kl_coef=0.05)
-    valid = adv.advantages[ro.response_mask]
+    targets = compute_targets(ro, ro.scores, cfg.ppo, kl_coef=0.05)
+    valid = targets.advantages[ro.response_mask]
     assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-3
-    assert torch.all(adv.advantages[~ro.response_mask] == 0)
+    assert torch.all(targets.advantages[~ro.response_mask] == 0)
 
 
 def test_prompt_order_is_a_pure_function_of_step():
@@ -484,7 +478,7 @@ def test_nan_scores_abort_and_keep_last_checkpoint(tiny_rm_run, tmp_path):
 
 
 def test_health_warnings_fire(roles_env, caplog):
-    from rlhf.ppo.trainer import health_warnings
+    from rlhf.ppo.metrics import health_warnings
 
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=2)
@@ -502,7 +496,7 @@ def test_health_warnings_fire(roles_env, caplog):
 
 def test_sft_eos_warning_names_the_rate_the_length_and_the_scaled_rule():
     from rlhf.config import PPOConfig
-    from rlhf.ppo.trainer import sft_eos_warning
+    from rlhf.ppo.metrics import sft_eos_warning
 
     ppo = PPOConfig(data={"path": "x.jsonl"}, response_length=48)
     text = sft_eos_warning(0.25, ppo, rm_std=0.5)
@@ -516,7 +510,7 @@ def test_sft_eos_warning_names_the_rate_the_length_and_the_scaled_rule():
 
 
 def test_first_step_eos_warning_replaces_the_plain_one(roles_env):
-    from rlhf.ppo.trainer import health_warnings
+    from rlhf.ppo.metrics import health_warnings
 
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=2)
