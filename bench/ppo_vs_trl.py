@@ -48,11 +48,13 @@ def untrained_reward_adapter(model_dir: str, out: Path, r: int, alpha: int) -> P
     from safetensors.torch import save_file
     from transformers import AutoModelForSequenceClassification
 
+    from rlhf.rm import SCORE_HEAD_FILE
+
     torch.manual_seed(0)
     seq = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     peft_model = get_peft_model(seq, LoraConfig(r=r, lora_alpha=alpha, target_modules="all-linear", task_type="SEQ_CLS"))
     peft_model.save_pretrained(out)
-    save_file({"weight": seq.score.weight.detach().clone().contiguous()}, str(out / "score_head.safetensors"))
+    save_file({"weight": seq.score.weight.detach().clone().contiguous()}, str(out / SCORE_HEAD_FILE))
     return out
 
 
@@ -63,7 +65,8 @@ def run_ours(a) -> dict:
     from rlhf.config import LoraSection, ModelConfig, PPOConfig
     from rlhf.models import lora_config, torch_dtype
     from rlhf.ppo.roles import build_roles
-    from rlhf.ppo.trainer import run_loop, seed_everything
+    from rlhf.ppo.distributed import seed_everything
+    from rlhf.ppo.trainer import run_loop
     from rlhf.tracking import MetricsWriter
 
     tok = AutoTokenizer.from_pretrained(a.model_dir)

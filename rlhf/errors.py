@@ -1,4 +1,5 @@
-"""The one exception type for user mistakes: the CLI prints its message (no traceback) and exits 2."""
+"""The exception types the CLI turns into one `error:` line and an exit status (no traceback):
+UserError (a mistake the user can fix, exit 2) and TrainingDiverged (NaN or inf, exit 3)."""
 
 
 class UserError(Exception):
@@ -9,3 +10,9 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class TrainingDiverged(UserError):
+    """NaN or inf in the loss, KL or scores: the run stops, keeping the last good checkpoint."""
+
+    exit_code = 3

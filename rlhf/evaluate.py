@@ -131,7 +131,7 @@ def load_policy_checkpoint(env: Env, ckpt: Path) -> None:
     `policy` adapter; the checkpoint's value adapter and head are not needed here."""
     from safetensors.torch import load_file
 
-    from rlhf.ppo.trainer import load_trainable_state
+    from rlhf.ppo.checkpoint import load_trainable_state
 
     state = {k: v for k, v in load_file(str(ckpt / "trainable.safetensors")).items()
              if k.startswith("model.") and ".policy." in k}
@@ -335,7 +335,7 @@ def overoptimisation(env: Env, prompts: list[list[int]], raw_prompts: list[Any],
     """Mean RM score (and judge score, each with its standard error) and mean KL at step 0 (the SFT
     model) and at every PPO checkpoint of the current config, on `prompts`, one sample per prompt
     (kept cheap: one pass per checkpoint). Leaves the last checkpoint's policy loaded."""
-    from rlhf.ppo.trainer import checkpoint_dirs
+    from rlhf.ppo.checkpoint import checkpoint_dirs
 
     ckpt_hash = stage_hash(env.cfg, "ppo")
     ckpts = []

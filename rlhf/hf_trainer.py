@@ -152,7 +152,7 @@ def divergence_callback(cfg: PipelineConfig, stage: str):
     import torch
     from transformers import TrainerCallback
 
-    from rlhf.ppo.trainer import TrainingDiverged
+    from rlhf.errors import TrainingDiverged
 
     section = f"{stage}.learning_rate"
 

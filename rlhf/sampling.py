@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import torch
 
 from rlhf.ppo.advantages import last_valid_index
-from rlhf.ppo.roles import Roles, head_forward, merged_adapter, use_adapter
+from rlhf.ppo.roles import Roles, head_forward, temporarily_merged, use_adapter
 
 # A scorer used instead of the reward model: (query_ids (B, P), response_ids (B, R),
 # response_mask (B, R)) -> scores (B,). Tests use it for a hand-written reward.
@@ -111,12 +111,12 @@ def generate_pinned(model: torch.nn.Module, config, input_ids: torch.Tensor, att
 def generate(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, response_length: int, temperature: float,
              stop_id: int | None, pad_id: int, adapter: str | None = "policy") -> torch.Tensor:
     """Sample (B, R) response tokens with `adapter` (folded into scratch weights, see
-    roles.merged_adapter; None = the reference) under pinned_generation_config: temperature T,
+    roles.temporarily_merged; None = the reference) under pinned_generation_config: temperature T,
     top_k 0, top_p 1 (PPO.md item 4), nothing inherited from the model folder. `generate` gets the
     attention mask only and derives positions itself. Responses that stop early are right-padded
     to exactly R."""
     config = pinned_generation_config(response_length, temperature, stop_id, pad_id)
-    with use_adapter(roles.model, None) if adapter is None else merged_adapter(roles.model, adapter):
+    with use_adapter(roles.model, None) if adapter is None else temporarily_merged(roles.model, adapter):
         out = generate_pinned(roles.model, config, query_ids, query_mask.long())
     response = out[:, query_ids.shape[1]:]
     if response.shape[1] < response_length:

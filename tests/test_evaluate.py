@@ -292,7 +292,7 @@ def test_both_samplers_draw_the_same_tokens(fresh_env):
 
 def test_checkpoint_and_exported_adapter_hold_the_same_final_policy(tiny_ppo_run):
     from rlhf.models import load_tokenizer
-    from rlhf.ppo.trainer import checkpoint_dirs
+    from rlhf.ppo.checkpoint import checkpoint_dirs
 
     cfg = load_config(tiny_ppo_run)
     tok = load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model"))

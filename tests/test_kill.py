@@ -155,28 +155,28 @@ def _ppo_checkpoints(tiny_ppo_run: Path, tmp_path: Path) -> Path:
 
 def test_ppo_temp_checkpoint_left_by_a_kill_is_skipped(tiny_ppo_run, tmp_path, caplog):
     from rlhf.config import stage_hash
-    from rlhf.ppo.trainer import latest_resumable
+    from rlhf.ppo.checkpoint import latest_resumable
 
     root = _ppo_checkpoints(tiny_ppo_run, tmp_path)
     config_hash = stage_hash(load_config(tiny_ppo_run), "ppo")
     torn = root / "step-6.tmp-abc123"  # save_atomically's temp folder: killed before the rename
     torn.mkdir()
     (torn / "trainable.safetensors").write_bytes((root / "step-4" / "trainable.safetensors").read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="rlhf.ppo.trainer"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.ppo.checkpoint"):
         assert latest_resumable(root, config_hash) == root / "step-4"
     assert "skipping incomplete checkpoint" in caplog.text and "step-6.tmp-abc123" in caplog.text
 
 
 def test_ppo_damaged_checkpoint_falls_back_to_the_previous_one(tiny_ppo_run, tmp_path, caplog):
     from rlhf.config import stage_hash
-    from rlhf.ppo.trainer import latest_resumable
+    from rlhf.ppo.checkpoint import latest_resumable
 
     root = _ppo_checkpoints(tiny_ppo_run, tmp_path)
     config_hash = stage_hash(load_config(tiny_ppo_run), "ppo")
     assert (root / "step-2" / "optimizer.pt").is_file()  # the run itself kept it (the newest two keep theirs)
     f = root / "step-4" / "trainable.safetensors"
     f.write_bytes(f.read_bytes()[:-32])
-    with caplog.at_level(logging.WARNING, logger="rlhf.ppo.trainer"):
+    with caplog.at_level(logging.WARNING, logger="rlhf.ppo.checkpoint"):
         assert latest_resumable(root, config_hash) == root / "step-2"
     assert "skipping damaged checkpoint" in caplog.text and "trainable.safetensors is truncated" in caplog.text
 
@@ -189,12 +189,12 @@ def test_ppo_resumes_from_the_previous_checkpoint_when_a_crash_damaged_the_newes
     skips step-4 with a warning, resumes from step-2 and ends with the unbroken run's adapter."""
     import safetensors.torch
 
-    import rlhf.ppo.trainer as T
+    import rlhf.ppo.checkpoint as C
     from tests.test_numerical import cli, copy_stages, max_diff
 
     config = copy_stages(tiny_ppo_run, tmp_path, ("sft", "rm"))
     cfg = load_config(config)
-    real_save_file, real_save_checkpoint = safetensors.torch.save_file, T.save_checkpoint
+    real_save_file, real_save_checkpoint = safetensors.torch.save_file, C.save_checkpoint
 
     def cut_short(tensors, filename, *args, **kwargs):
         real_save_file(tensors, filename, *args, **kwargs)
@@ -209,13 +209,13 @@ def test_ppo_resumes_from_the_previous_checkpoint_when_a_crash_damaged_the_newes
         return out
 
     monkeypatch.setattr(safetensors.torch, "save_file", cut_short)
-    monkeypatch.setattr(T, "save_checkpoint", then_killed)
+    monkeypatch.setattr(C, "save_checkpoint", then_killed)
     assert cli("ppo", "--config", str(config)).exit_code == 137
     monkeypatch.undo()
     root = cfg.stage_dir("ppo") / "checkpoints"
     assert file_problem(root / "step-4" / "trainable.safetensors") == "trainable.safetensors is truncated"
 
-    with caplog.at_level(logging.INFO, logger="rlhf.ppo.trainer"):
+    with caplog.at_level(logging.INFO, logger="rlhf.ppo"):  # checkpoint's warning, trainer's resume line
         result = cli("ppo", "--config", str(config))
     assert result.exit_code == 0, result.output
     assert f"skipping damaged checkpoint {root / 'step-4'}" in caplog.text

@@ -27,19 +27,6 @@ WORLD = 2
 # ---------------------------------------------------------------------------- pure helpers
 
 
-def test_global_masked_moments_by_hand():
-    from rlhf.ppo.trainer import global_masked_moments, whiten_with
-
-    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, float("nan"), 7.0]])
-    mask = torch.tensor([[True, True, False], [True, False, False]])
-    mean, var = global_masked_moments(x, mask, lambda t: t)  # valid: 1, 2, 3
-    assert mean.item() == pytest.approx(2.0) and var.item() == pytest.approx(1.0)  # ((1 + 0 + 1) / (3 - 1))
-    out = whiten_with(x, mask, mean, var, shift_mean=True)
-    assert torch.allclose(out, torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), atol=1e-6)
-    one = global_masked_moments(torch.tensor([5.0]), torch.tensor([True]), lambda t: t)
-    assert one[0].item() == 5.0 and one[1].item() == 0.0  # a single value has no spread
-
-
 def test_ppo_refuses_sharding_configs(tmp_path):
     from rlhf.config import load_config
     from rlhf.errors import UserError
@@ -96,12 +83,14 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     torch.set_num_threads(1)
     from accelerate.utils import gather_object
 
+    from rlhf.errors import TrainingDiverged
     from rlhf.ppo.advantages import make_kl_controller, masked_whiten
-    from rlhf.ppo.trainer import (
-        Agreement, GradientAverager, TrainingDiverged, _backward, _restore_rank_rng, _save_all_processes, average_metrics,
-        check_finite, cross_process_whiten, latest_resumable, load_checkpoint, mean_across_processes, seed_everything,
-        sum_across_processes,
+    from rlhf.ppo.checkpoint import latest_resumable, load_checkpoint, restore_rank_rng, save_all_processes
+    from rlhf.ppo.distributed import (
+        Agreement, GradientAverager, average_metrics, mean_across_processes, seed_everything, sum_across_processes,
     )
+    from rlhf.ppo.metrics import check_finite
+    from rlhf.ppo.trainer import _backward
     from rlhf.stage_script import init_processes
 
     state = init_processes()
@@ -142,7 +131,10 @@ def _worker(rank: int, port: int, tmp: str) -> None:
         return torch.randn(3, 5, generator=g) * (r + 1) + r, torch.rand(3, 5, generator=g) > 0.3
 
     x, mask = batch(rank)
-    whiten = cross_process_whiten()
+
+    def whiten(x, mask, shift_mean):  # the whitening PPO does on several processes
+        return masked_whiten(x, mask, shift_mean, sum_across=sum_across_processes)
+
     full_x, full_mask = (torch.cat(t) for t in zip(*(batch(r) for r in range(WORLD))))
     rows = slice(3 * rank, 3 * rank + 3)
     assert torch.allclose(whiten(x, mask, True), masked_whiten(full_x, full_mask, shift_mean=True)[rows], atol=1e-5)
@@ -159,7 +151,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     kl_ctl = make_kl_controller(0.05, None, 10000)
     generator = torch.Generator().manual_seed(seed_everything(0, rank))
     root = Path(tmp) / "checkpoints"
-    _save_all_processes(root, 1, roles, optimizer, scheduler, kl_ctl, generator, "hash", {}, state)
+    save_all_processes(root, 1, roles, optimizer, scheduler, kl_ctl, generator, "hash", {}, state)
 
     def draws():
         return [torch.rand(3).tolist(), torch.rand(3, generator=generator).tolist(), random.random(), float(np.random.rand())]
@@ -169,7 +161,7 @@ def _worker(rank: int, port: int, tmp: str) -> None:
     generator.manual_seed(5)
     ckpt = latest_resumable(root, "hash")
     assert load_checkpoint(ckpt, roles, optimizer, scheduler, kl_ctl, generator) == 1
-    _restore_rank_rng(ckpt, rank, WORLD, 0, 1, generator)
+    restore_rank_rng(ckpt, rank, WORLD, 0, 1, generator)
     assert draws() == after
     assert len({json.dumps(d) for d in gather_object([after])}) == WORLD  # each process samples differently
     assert (ckpt / "rng-rank1.pt").is_file() and not (ckpt / "rng-rank0.pt").exists()

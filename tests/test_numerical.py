@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from rlhf.cli import app
 from rlhf.config import load_config
-from rlhf.ppo.trainer import TrainingDiverged
+from rlhf.errors import TrainingDiverged
 from tests.conftest import write_config
 
 
@@ -73,6 +73,7 @@ def test_ppo_nan_loss_stops_with_exit_3_and_resumes_from_last_good_checkpoint(ti
     and ends with the uninterrupted run's adapter."""
     import rlhf.ppo.trainer as T
     from rlhf.config import stage_hash
+    from rlhf.ppo.checkpoint import latest_resumable
     from rlhf.runs import file_problem
 
     config = copy_stages(tiny_ppo_run, tmp_path, ("sft", "rm"))
@@ -86,7 +87,7 @@ def test_ppo_nan_loss_stops_with_exit_3_and_resumes_from_last_good_checkpoint(ti
     assert status(config, "ppo") == "failed"
     root = cfg.stage_dir("ppo") / "checkpoints"
     assert sorted(p.name for p in root.iterdir()) == ["step-2"]
-    assert T.latest_resumable(root, stage_hash(cfg, "ppo")) == root / "step-2"
+    assert latest_resumable(root, stage_hash(cfg, "ppo")) == root / "step-2"
     assert all(file_problem(f) is None for f in (root / "step-2").iterdir())
     assert torch.isfinite(torch.cat([t.flatten() for t in _load(root / "step-2" / "trainable.safetensors").values()])).all()
 
@@ -110,6 +111,7 @@ def test_ppo_nan_scores_or_kl_stop_the_loop(tiny_ppo_run, tmp_path, monkeypatch,
     message names the quantity, and the checkpoint written before is untouched."""
     import rlhf.ppo.trainer as T
     from rlhf.data import ppo_data, render
+    from rlhf.ppo.checkpoint import latest_resumable
     from rlhf.models import load_tokenizer, lora_config
     from rlhf.ppo.roles import build_roles
     from rlhf.tracking import MetricsWriter
@@ -140,7 +142,7 @@ def test_ppo_nan_scores_or_kl_stop_the_loop(tiny_ppo_run, tmp_path, monkeypatch,
         loop(**kw)
     assert info.value.exit_code == 3
     assert {f.name: f.read_bytes() for f in (tmp_path / "ckpt" / "step-2").iterdir()} == before
-    assert T.latest_resumable(tmp_path / "ckpt", "h") == tmp_path / "ckpt" / "step-2"
+    assert latest_resumable(tmp_path / "ckpt", "h") == tmp_path / "ckpt" / "step-2"
 
 
 # ---------------------------------------------------------------------------- SFT and RM

@@ -1,6 +1,6 @@
 """Canary for the peft internals PPO relies on (rlhf.ppo.roles): adapter switching sets the private
 per-layer attributes `_active_adapter`, `_disable_adapters` and `cast_input_dtype_enabled`, and
-merged_adapter folds with `get_delta_weight`. If a peft release renames or reinterprets any of
+temporarily_merged folds with `get_delta_weight`. If a peft release renames or reinterprets any of
 them, these tests fail loudly here instead of PPO silently training the wrong adapter. pyproject
 bounds peft to the tested minor series; raise the bound only after this file passes on the new one."""
 
@@ -65,7 +65,7 @@ def test_use_adapter_matches_peft_public_switching(two_adapters):
     """use_adapter(name) computes what peft's own set_adapter(name) computes, peft reads back the
     adapter it set (`active_adapters`), use_adapter(None) is peft's disable_adapter(), and
     requires_grad is left as it was (the reason for setting the attributes directly)."""
-    from rlhf.ppo.roles import _tuner_layers, merged_adapter, use_adapter
+    from rlhf.ppo.roles import _tuner_layers, temporarily_merged, use_adapter
 
     model, ids = two_adapters
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -75,7 +75,7 @@ def test_use_adapter_matches_peft_public_switching(two_adapters):
     with use_adapter(model, None):
         ours_off = _logits(model, ids)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
-    with merged_adapter(model, "b"):
+    with temporarily_merged(model, "b"):
         folded_b = _logits(model, ids)
 
     model.set_adapter("b")

@@ -15,16 +15,10 @@ from rlhf.models import load_tokenizer, lora_config
 from rlhf.ppo.advantages import last_valid_index
 from rlhf.ppo.losses import logprobs_from_logits, value_loss
 from rlhf.ppo.roles import build_roles, head_forward, position_ids, use_adapter
+from rlhf.errors import TrainingDiverged
+from rlhf.ppo.checkpoint import checkpoint_dirs, trainable_state
 from rlhf.ppo.rollout import collect_rollout, response_logprobs, token_values
-from rlhf.ppo.trainer import (
-    TrainingDiverged,
-    checkpoint_dirs,
-    compute_advantages,
-    final_scores,
-    prompt_indices,
-    run_loop,
-    trainable_state,
-)
+from rlhf.ppo.trainer import compute_targets, final_scores, prompt_indices, run_loop
 from rlhf.sampling import left_pad, sequence_scores, truncate_at_stop
 from rlhf.tracking import MetricsWriter, read_metrics
 from tests.conftest import write_config
@@ -238,8 +232,8 @@ def test_bfloat16_base_keeps_trained_and_compared_tensors_float32(tiny_rm_run):
     ppo = cfg.ppo.model_copy(update={"ppo_epochs": 1, "micro_batch_size": 2, "learning_rate": 1e-2})
     before = [p.detach().clone() for p in roles.policy_parameters()]
     optimizer, scheduler = make_optimizer(roles, ppo, 1)
-    adv = compute_advantages(ro, final_scores(ro.scores, ro.has_stop, ppo, 0.0), ppo, ppo.kl_coef)
-    stats = ppo_update(roles, ro, adv, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
+    targets = compute_targets(ro, final_scores(ro.scores, ro.has_stop, ppo, 0.0), ppo, ppo.kl_coef)
+    stats = ppo_update(roles, ro, targets, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
     assert all(torch.isfinite(torch.tensor(v)) for v in stats.values())
     assert any(not torch.equal(b, p) for b, p in zip(before, roles.policy_parameters()))
 
@@ -275,10 +269,10 @@ def test_forward_logprobs_match_generation(roles_env):
 
 
 def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm_run):
-    """Generation folds the policy LoRA into scratch weights (merged_adapter): with a trained-looking
-    policy, the sampler's log-probs equal the unfolded forward pass's within 1e-4 (and differ from
+    """Generation folds the policy LoRA into scratch weights (temporarily_merged): with a
+    trained-looking policy, the sampler's log-probs equal the unfolded forward pass's within 1e-4 (and differ from
     the reference's), and afterwards the base holds its own weight tensors, unchanged."""
-    from rlhf.ppo.roles import merged_adapter
+    from rlhf.ppo.roles import temporarily_merged
 
     cfg, tok, roles = make_roles(tiny_rm_run)
     torch.manual_seed(1)
@@ -287,7 +281,7 @@ def test_folded_policy_samples_from_the_policy_and_leaves_the_base_alone(tiny_rm
             if ".policy." in name and "lora_B" in name:
                 p.normal_(0.0, 0.5)
     base = {n: (p, p.detach().clone()) for n, p in roles.model.named_parameters() if "lora_" not in n}
-    sampled, policy, reference = sampled_and_forward_logprobs(cfg, tok, roles, merged_adapter(roles.model, "policy"))
+    sampled, policy, reference = sampled_and_forward_logprobs(cfg, tok, roles, temporarily_merged(roles.model, "policy"))
     assert torch.allclose(policy, sampled, atol=1e-4)
     assert (policy - reference).abs().max() > 1e-2
     current = dict(roles.model.named_parameters())
@@ -422,10 +416,10 @@ def test_value_on_policy_value_loss_never_moves_the_policy(tiny_rm_run):
 def test_advantages_are_whitened_over_valid_tokens(roles_env):
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=4)
-    adv = compute_advantages(ro, ro.scores, cfg.ppo, kl_coef=0.05)
-    valid = adv.advantages[ro.response_mask]
+    targets = compute_targets(ro, ro.scores, cfg.ppo, kl_coef=0.05)
+    valid = targets.advantages[ro.response_mask]
     assert abs(valid.mean().item()) < 1e-5 and abs(valid.std().item() - 1) < 1e-3
-    assert torch.all(adv.advantages[~ro.response_mask] == 0)
+    assert torch.all(targets.advantages[~ro.response_mask] == 0)
 
 
 def test_prompt_order_is_a_pure_function_of_step():
@@ -485,7 +479,7 @@ def test_nan_scores_abort_and_keep_last_checkpoint(tiny_rm_run, tmp_path):
 
 
 def test_health_warnings_fire(roles_env, caplog):
-    from rlhf.ppo.trainer import health_warnings
+    from rlhf.ppo.metrics import health_warnings
 
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=2)
@@ -503,7 +497,7 @@ def test_health_warnings_fire(roles_env, caplog):
 
 def test_sft_eos_warning_names_the_rate_the_length_and_the_scaled_rule():
     from rlhf.config import PPOConfig
-    from rlhf.ppo.trainer import sft_eos_warning
+    from rlhf.ppo.metrics import sft_eos_warning
 
     ppo = PPOConfig(data={"path": "x.jsonl"}, response_length=48)
     text = sft_eos_warning(0.25, ppo, rm_std=0.5)
@@ -517,7 +511,7 @@ def test_sft_eos_warning_names_the_rate_the_length_and_the_scaled_rule():
 
 
 def test_first_step_eos_warning_replaces_the_plain_one(roles_env):
-    from rlhf.ppo.trainer import health_warnings
+    from rlhf.ppo.metrics import health_warnings
 
     cfg, tok, roles = roles_env
     ro = rollout_for(cfg, tok, roles, n=2)

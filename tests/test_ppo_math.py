@@ -22,6 +22,7 @@ from rlhf.ppo.advantages import (
     last_valid_index,
     make_kl_controller,
     masked_mean,
+    masked_moments,
     masked_var,
     masked_whiten,
     normalize_scores,
@@ -105,6 +106,21 @@ def test_masked_whiten_single_valid_token_has_no_nan():
     # one value: var taken as 0, x - mean = 0 exactly -> 0 (centred), or 5 (mean kept)
     close(masked_whiten(x, mask), [[0.0, 0.0]])
     close(masked_whiten(x, mask, shift_mean=False), [[5.0, 0.0]])
+
+
+def test_masked_moments_by_hand():
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, float("nan"), 7.0]])
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    mean, var = masked_moments(x, mask)  # valid: 1, 2, 3
+    assert mean.item() == pytest.approx(2.0) and var.item() == pytest.approx(1.0)  # ((1 + 0 + 1) / (3 - 1))
+    out = masked_whiten(x, mask, shift_mean=True)
+    assert torch.allclose(out, torch.tensor([[-1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]), atol=1e-6)
+    one = masked_moments(torch.tensor([5.0]), torch.tensor([True]))
+    assert one[0].item() == 5.0 and one[1].item() == 0.0  # a single value has no spread
+    # Two processes holding the same batch (their sums double): valid 1, 2, 3, 1, 2, 3 -> mean 2,
+    # unbiased var (1 + 0 + 1) * 2 / (6 - 1) = 0.8.
+    mean, var = masked_moments(x, mask, sum_across=lambda t: 2 * t)
+    assert mean.item() == pytest.approx(2.0) and var.item() == pytest.approx(0.8)
 
 
 # ---------------------------------------------------------------- KL and rewards

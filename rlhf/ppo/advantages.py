@@ -1,7 +1,14 @@
 """Rewards and advantages for PPO-based RLHF: the pure math of PPO.md items 8-10.
 
-Everything here is a plain function of tensors (plus two tiny KL-coefficient controllers)
-so that each step can be tested against numbers worked out by hand.
+Everything here is a plain function of tensors (plus two tiny KL-coefficient controllers and
+``Targets``, the container of a rollout's rewards, KL, returns and advantages) so that each
+step can be tested against numbers worked out by hand. Batch statistics take a ``sum_across``
+reduction (identity by default): a data-parallel run passes an all-reduce and gets the
+statistics of every process's batch from the same code.
+
+Longer than ~400 lines on purpose: about half of it is docstrings, each function carrying its
+shapes, its reasons and its source next to the few lines of math, which is what the
+hand-computed tests (tests/test_ppo_math.py) are checked against.
 
 Shapes: ``B`` is the number of responses in the batch, ``T`` the number of response tokens
 (the prompt is not part of these tensors). ``mask`` is always ``(B, T)``, bool or {0, 1}
@@ -21,12 +28,14 @@ Sources:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Callable, Literal, NamedTuple
 
 import torch
 
 __all__ = [
+    "one_process_sum",
     "masked_mean",
+    "masked_moments",
     "masked_var",
     "masked_whiten",
     "last_valid_index",
@@ -34,6 +43,7 @@ __all__ = [
     "PerTokenRewards",
     "per_token_rewards",
     "normalize_scores",
+    "Targets",
     "gae",
     "whiten_advantages",
     "FixedKLController",
@@ -42,6 +52,9 @@ __all__ = [
 ]
 
 KLEstimator = Literal["k1", "k3"]
+
+# sum_across(t) -> t summed over the processes of a data-parallel run (an all-reduce)
+SumAcross = Callable[[torch.Tensor], torch.Tensor]
 
 # Added to the variance before the square root when whitening (same value as TRL / N+).
 WHITEN_EPS = 1e-8
@@ -81,6 +94,56 @@ def masked_mean(
     return total.sum(dim) / m.sum(dim).clamp(min=1)
 
 
+def one_process_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of ``t`` over the processes of a run of one process: ``t`` itself.
+
+    The default ``sum_across`` of :func:`masked_moments` and the whitening built on it; a
+    data-parallel run passes ``rlhf.ppo.distributed.sum_across_processes`` instead.
+    """
+    return t
+
+
+def masked_moments(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    unbiased: bool = True,
+    sum_across: SumAcross = one_process_sum,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and variance of ``x`` over the valid positions of the whole batch.
+
+    Args:
+        x: any shape, e.g. ``(B, T)``: this process's part of the batch.
+        mask: same shape as ``x``; bool or {0, 1}.
+        unbiased: apply Bessel's correction ``n / (n - 1)`` (as TRL and N+ do).
+        sum_across: sums a tensor over the processes that hold the rest of the batch
+            (an all-reduce); the default, :func:`one_process_sum`, is the identity.
+
+    Returns:
+        ``(mean, var)``, two 0-dim tensors.
+
+    Why: the statistics are built from sums (count and total, then the summed squared
+    deviations from the mean), so several processes combine their parts with two
+    reductions and get the statistics of their concatenated batches; one process is the
+    same computation with nothing to add. Two passes (the mean first, then the deviations
+    from it) rather than ``E[x²] - E[x]²``, which cancels badly when the mean is large.
+    With fewer than two valid values the unbiased variance is undefined; it is returned
+    as 0 (a single value has no spread), so whitening such a batch centres it instead of
+    producing NaN. An empty mask gives mean 0 and variance 0.
+    """
+    m = _bool_mask(mask)
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
+    n, total = sum_across(torch.stack([m.sum().to(x.dtype), torch.where(m, x, zero).sum()]))
+    count = n.clamp(min=1)
+    mean = total / count
+    var = sum_across(torch.where(m, (x - mean) ** 2, zero).sum()) / count
+    if unbiased:
+        # n / (n - 1) for n >= 2; n < 2 gives var = 0 anyway (one value, no spread). The biased
+        # variance times n / (n - 1), not the sum over n - 1: the two round differently, and this is
+        # the order single-process runs have always used (their results stay bit-identical).
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), torch.zeros_like(var))
+    return mean, var
+
+
 def masked_var(
     x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True
 ) -> torch.Tensor:
@@ -93,21 +156,16 @@ def masked_var(
 
     Why: advantage whitening (PPO.md item 10) needs the variance of the valid tokens only.
     With fewer than two valid values the variance is undefined; it is returned as 0
-    (a single value has no spread), so whitening such a batch centres it instead of
-    producing NaN.
+    (a single value has no spread). This process's values alone: see :func:`masked_moments`.
     """
-    m = _bool_mask(mask)
-    mean = masked_mean(x, m)
-    var = masked_mean((x - mean) ** 2, m)
-    if unbiased:
-        n = m.sum()
-        # n / (n - 1) for n >= 2; n < 2 gives var = 0 anyway (one value, no spread).
-        var = torch.where(n > 1, var * n / (n - 1).clamp(min=1), torch.zeros_like(var))
-    return var
+    return masked_moments(x, mask, unbiased)[1]
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    sum_across: SumAcross = one_process_sum,
 ) -> torch.Tensor:
     """Whiten ``x`` using the mean and variance of its valid positions only.
 
@@ -117,6 +175,9 @@ def masked_whiten(
         shift_mean: if True the result has mean 0 and unbiased variance 1 over the valid
             positions; if False the original mean is added back, so only the spread is
             normalised (TRL's ``whiten_rewards`` uses ``shift_mean=False``).
+        sum_across: as in :func:`masked_moments`: with several processes, the statistics
+            are those of every process's batch together (each process whitens its own part
+            of it); the default is this batch alone.
 
     Returns:
         ``(B, T)``: ``(x - mean) / sqrt(var + 1e-8)`` (``+ mean`` if not ``shift_mean``)
@@ -129,8 +190,7 @@ def masked_whiten(
     value itself (not ``shift_mean``) — never NaN.
     """
     m = _bool_mask(mask)
-    mean = masked_mean(x, m)
-    var = masked_var(x, m, unbiased=True)
+    mean, var = masked_moments(x, m, unbiased=True, sum_across=sum_across)
     whitened = (x - mean) * torch.rsqrt(var + WHITEN_EPS)
     if not shift_mean:
         whitened = whitened + mean
@@ -280,6 +340,29 @@ def normalize_scores(
     return out
 
 
+@dataclass
+class Targets:
+    """What one rollout's PPO update trains towards, each ``(B, T)`` float32 (0 where masked):
+    the per-token rewards and their KL part, the value targets and the policy-gradient weights.
+
+    Built by ``rlhf.ppo.trainer.compute_targets`` from :func:`kl_penalty`,
+    :func:`per_token_rewards`, :func:`gae` and :func:`whiten_advantages`.
+    """
+
+    advantages: torch.Tensor
+    """Whitened GAE advantages (the policy loss's weights)."""
+    returns: torch.Tensor
+    """λ-returns from the unwhitened advantages (the value loss's targets)."""
+    rewards: torch.Tensor
+    """Per-token reward: KL penalty on every token + the score at the last one."""
+    kl: torch.Tensor
+    """Per-token KL estimate between the policy and the reference."""
+    non_score_rewards: torch.Tensor
+    """The KL-penalty part of ``rewards`` (``-kl_coef * kl``)."""
+    scores: torch.Tensor
+    """``(B,)`` the scores used in the reward: centred, EOS-penalised, optionally whitened."""
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -327,12 +410,16 @@ def gae(
     return advantages, returns
 
 
-def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def whiten_advantages(
+    advantages: torch.Tensor, mask: torch.Tensor, sum_across: SumAcross = one_process_sum
+) -> torch.Tensor:
     """Whiten advantages over the valid tokens of the whole batch (PPO.md item 10).
 
     Args:
         advantages: ``(B, T)`` from :func:`gae`.
         mask: ``(B, T)`` valid response tokens.
+        sum_across: with several processes, whiten over every process's batch
+            (see :func:`masked_moments`); the default is this batch alone.
 
     Returns:
         ``(B, T)`` with mean 0 and unbiased variance 1 over valid tokens, 0 elsewhere.
@@ -341,7 +428,7 @@ def whiten_advantages(advantages: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     and before the epochs of updates; this makes the clipped objective's scale independent
     of the reward scale. Returns are computed from the *unwhitened* advantages.
     """
-    return masked_whiten(advantages, mask, shift_mean=True)
+    return masked_whiten(advantages, mask, shift_mean=True, sum_across=sum_across)
 
 
 @dataclass

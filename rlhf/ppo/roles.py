@@ -37,7 +37,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-SCORE_HEAD_FILE = "score_head.safetensors"
+from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
 
 
 @dataclass
@@ -100,7 +100,7 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def merged_adapter(model: nn.Module, name: str) -> Iterator[None]:
+def temporarily_merged(model: nn.Module, name: str) -> Iterator[None]:
     """Run the block as adapter `name` with its LoRA folded into scratch copies of the weights it
     adapts, and every adapter off: the same function as `use_adapter(model, name)` up to rounding,
     for sampling.

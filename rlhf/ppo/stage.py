@@ -88,7 +88,9 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     from rlhf.hf_trainer import export_merged
     from rlhf.models import load_tokenizer, lora_config, model_kwargs, turn_end_suffix
     from rlhf.ppo.roles import build_roles
-    from rlhf.ppo.trainer import checkpoint_dirs, latest_resumable, run_loop, seed_everything
+    from rlhf.ppo.checkpoint import checkpoint_dirs, latest_resumable
+    from rlhf.ppo.distributed import seed_everything
+    from rlhf.ppo.trainer import run_loop
     from rlhf.runs import begin_stage, fail_stage, finish_stage, require_upstream
     from rlhf.tracking import MetricsWriter, Tracker, trim_metrics
 
