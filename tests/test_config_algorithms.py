@@ -115,3 +115,16 @@ def test_algorithm_changes_only_the_ppo_stage_and_an_explicit_default_changes_no
     assert stage_hash(rloo, "rm") == stage_hash(base, "rm") and stage_hash(rloo, "sft") == stage_hash(base, "sft")
     # the resolved value is hashed, so spelling out a default is the same run
     assert stage_hash(load_config(path, ["ppo.kl_coef=0.05", "ppo.kl_estimator=k1"]), "ppo") == stage_hash(base, "ppo")
+
+
+def test_the_stage_refuses_an_algorithm_its_loop_does_not_implement(tiny_config):
+    """Until the loop lists an algorithm in rlhf.ppo.trainer.ALGORITHMS, `rlhf ppo` says so instead of
+    training PPO under its name (before touching the run folder)."""
+    from rlhf.ppo import run, trainer
+
+    if "rloo" in getattr(trainer, "ALGORITHMS", ("ppo",)):
+        pytest.skip("the training loop implements rloo")
+    cfg = load_config(tiny_config, ["ppo.algorithm=rloo"])
+    with pytest.raises(UserError, match="ppo.algorithm 'rloo' is not implemented by the training loop yet"):
+        run(cfg)
+    assert not cfg.run_dir.exists()
