@@ -143,7 +143,7 @@ def rloo_advantages(rewards: torch.Tensor, k: int) -> torch.Tensor:
 
     Why: the mean of the other ``k − 1`` samples is a baseline independent of sample ``i``, so
     the REINFORCE estimator stays unbiased while its variance drops (Ahmadian et al. 2024,
-    arXiv 2402.14740, eq. 6; Kool et al. 2019).
+    arXiv 2402.14740; Kool et al. 2019).
     """
     if k < 2:
         raise ValueError(f"RLOO needs at least 2 samples per prompt, got {k}.")
@@ -188,8 +188,8 @@ def group_mean_baseline(scores: torch.Tensor, k: int) -> torch.Tensor:
 
     Returns:
         ``(N·k,)``. OpenRLHF's ``reinforce_baseline`` subtracts the group mean of the scores
-        only (no std division: "``/ std`` is not needed in RL variance reduction theory"), then
-        adds the per-token KL penalty and whitens over the batch like plain REINFORCE++.
+        only (no std division: a baseline needs none to reduce variance), then adds the
+        per-token KL penalty and whitens over the batch like plain REINFORCE++.
     """
     grouped = group_rows(scores, k)
     return (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
@@ -205,7 +205,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
 
     Returns:
         ``(B, T)``, 0 on masked positions. With γ = 1 the return at token ``t`` is the score
-        minus β times the KL of tokens ``t … end`` (Hu 2025, eq. 8): each token is charged for
+        minus β times the KL of tokens ``t … end`` (Hu 2025): each token is charged for
         the divergence it and its successors cause, not for the tokens before it.
     """
     m = _bool_mask(mask)
@@ -280,7 +280,7 @@ def reinforce_pp_advantages(
 
     Why global: normalising each prompt's group by its own statistics is a biased estimator
     and overfits easy prompts; one mean and std over the whole batch keeps every prompt on the
-    same scale, and the bias vanishes as the batch grows (Hu 2025, §3).
+    same scale, and the bias vanishes as the batch grows (Hu 2025).
     """
     if group_baseline:
         if k < 2:

@@ -114,9 +114,9 @@ def sequence_policy_loss(
         sequence-level analogue of :func:`policy_loss`'s), ``clipfrac`` (fraction of responses
         whose clipped term is active), ``ratio_mean`` (mean sequence ratio).
 
-    Why: RLOO treats the whole response as one action (Ahmadian et al. 2024, arXiv 2402.14740,
-    §3): its gradient at ratio 1 is ``−mean_b A_b · Σ_t ∇logp_t``, plain REINFORCE on the
-    sequence log-probability, with no per-token averaging that would weight short responses'
+    Why: RLOO treats the whole response as one action (Ahmadian et al. 2024, arXiv 2402.14740):
+    its gradient at ratio 1 is ``−mean_b A_b · Σ_t ∇logp_t``, plain REINFORCE on the sequence
+    log-probability, with no per-token averaging that would weight short responses'
     tokens more. The clip only matters from the second optimizer step on one batch. The
     log-ratio is zeroed on masked positions before the sum, so padding cannot make it inf.
     """
@@ -183,7 +183,7 @@ def grpo_policy_loss(
     group-relative score, and uses k3, which is unbiased and never negative (Shao et al. 2024,
     arXiv 2402.03300, eq. 3-4; Schulman 2020). The per-response mean gives each response the
     same weight whatever its length, which favours short correct and long wrong answers; Dr.
-    GRPO divides by a constant instead (Liu et al. 2025, arXiv 2503.20783, §3.1). Log-ratios are
+    GRPO divides by a constant instead (Liu et al. 2025, arXiv 2503.20783). Log-ratios are
     zeroed on masked positions before any exponential, so padding cannot produce inf/NaN.
     """
     m = _bool_mask(mask)
