@@ -194,25 +194,69 @@ class RMConfig(TrainSection):
     )
 
 
+# The stage-3 algorithms. ppo trains a critic (the value adapter); the others are critic-free.
+Algorithm = Literal["ppo", "rloo", "grpo", "reinforce_pp"]
+CRITIC_FREE = ("rloo", "grpo", "reinforce_pp")
+GROUP_ALGORITHMS = ("rloo", "grpo")  # their baseline is the other samples of the same prompt
+# Defaults that depend on ppo.algorithm, taken from each algorithm's paper or reference code (see
+# the fields' descriptions); PPOConfig fills the ones a config leaves unset (or sets to null).
+ALGORITHM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ppo": {"samples_per_prompt": 1, "kl_coef": 0.05, "kl_estimator": "k1", "ppo_epochs": 4},
+    "rloo": {"samples_per_prompt": 4, "kl_coef": 0.05, "kl_estimator": "k1", "ppo_epochs": 1},
+    "grpo": {"samples_per_prompt": 4, "kl_coef": 0.04, "kl_estimator": "k3", "ppo_epochs": 1},
+    "reinforce_pp": {"samples_per_prompt": 1, "kl_coef": 0.01, "kl_estimator": "k1", "ppo_epochs": 1},
+}
+# Fields of PPO's critic (value adapter or head, value loss, GAE): meaningless without a critic.
+VALUE_MODEL_FIELDS = ("value_learning_rate", "value_clip", "vf_coef", "value_head_on_policy", "lam")
+
+
 class PPOConfig(Section):
     data: DataConfig = _field(..., description="Prompts (a `prompt` column, text or conversational).")
+    algorithm: Algorithm = _field(
+        "ppo",
+        description="Stage-3 algorithm. ppo: PPO with a value adapter and GAE (InstructGPT; N+, Huang et al. 2024). "
+        "Critic-free, no value adapter: rloo: REINFORCE leave-one-out, each response's baseline the mean reward of "
+        "the prompt's other samples, the KL summed over the response in the reward (Ahmadian et al. 2024, "
+        "arXiv 2402.14740; as TRL's RLOOTrainer); grpo: group-normalised advantage (r - mean) / std over the "
+        "prompt's samples, k3 KL as a loss term, clipped ratio (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300; "
+        "dr_grpo for Dr. GRPO); reinforce_pp: REINFORCE++, per-token KL in the reward, returns whitened over the "
+        "whole batch, clipped ratio (Hu 2025, arXiv 2501.03262; as OpenRLHF). Defaults that depend on it: "
+        "samples_per_prompt, kl_coef, kl_estimator, ppo_epochs.",
+    )
     steps: int = _field(100, description="PPO steps (one rollout batch and its update each).", ge=1)
-    rollout_batch_size: int = _field(16, description="Prompts per step (per process).", ge=1)
-    num_mini_batches: int = _field(1, description="Optimizer steps per PPO epoch.", ge=1)
-    micro_batch_size: int = _field(8, description="Sequences per forward/backward (gradient accumulation inside a mini-batch).", ge=1)
-    ppo_epochs: int = _field(4, description="Passes over each rollout batch (N+: 4).", ge=1)
+    rollout_batch_size: int = _field(
+        16,
+        description="Prompts per step (per process). Each is sampled samples_per_prompt times, so a step trains on "
+        "rollout_batch_size × samples_per_prompt responses per process; a prompt's samples stay on one process.",
+        ge=1,
+    )
+    samples_per_prompt: int | None = _field(
+        None,
+        description="Responses sampled per prompt at each step, k (null: 4 for rloo and grpo, 1 for ppo and "
+        "reinforce_pp). rloo and grpo compare a prompt's samples with each other and need k >= 2; the papers use "
+        "k = 2-4 (RLOO) and 64 (DeepSeekMath GRPO; TRL's GRPOTrainer defaults to 8, its RLOOTrainer to 2).",
+        ge=1,
+    )
+    num_mini_batches: int = _field(1, description="Optimizer steps per epoch over the step's responses.", ge=1)
+    micro_batch_size: int = _field(8, description="Responses per forward/backward (gradient accumulation inside a mini-batch).", ge=1)
+    ppo_epochs: int | None = _field(
+        None,
+        description="Passes over each rollout batch (null: 4 for ppo, as N+; 1 for rloo, grpo and reinforce_pp: "
+        "one update per batch in RLOO, DeepSeekMath's GRPO (μ = 1), TRL's num_iterations and OpenRLHF's max_epochs).",
+        ge=1,
+    )
     learning_rate: float = _field(
         1e-5,
         description="Policy adapter learning rate. Full fine-tuning uses 3e-6 (N+); LoRA wants ~1e-5 to 5e-5.",
         gt=0,
     )
-    value_learning_rate: float | None = _field(None, description="Value adapter learning rate (null: same as policy).", gt=0)
+    value_learning_rate: float | None = _field(None, description="Value adapter learning rate (null: same as policy). ppo only.", gt=0)
     adam_eps: float = _field(1e-5, description="AdamW epsilon (N+: 1e-5).", gt=0)
     max_grad_norm: float = _field(1.0, description="Gradient clipping norm.", gt=0)
     max_prompt_length: int = _field(256, description="Prompts longer than this many tokens are dropped (count reported).", ge=1)
     response_length: int = _field(
         48, description="New tokens generated per response. PPO warns at its first step when fewer than half of the "
-        "SFT policy's responses reach the stop token within it.", ge=1
+        "SFT policy's responses reach the stop token within it. Also Dr. GRPO's loss constant (the longest response).", ge=1
     )
     temperature: float = _field(0.7, description="Sampling temperature; every logprob is computed from logits / T.", gt=0)
     stop_token: str | None = _field("eos", description="Responses end at this token ('eos' = the tokenizer's EOS).")
@@ -228,39 +272,123 @@ class PPOConfig(Section):
         description="Instead of replacing, subtract missing_eos_penalty × score_std (the RM's, as for "
         "missing_eos_score) from the score of a response with no stop token.",
     )
-    kl_coef: float = _field(0.05, description="β of the per-token KL penalty (InstructGPT used 0.02).", ge=0)
-    kl_estimator: Literal["k1", "k3"] = _field("k1", description="Per-token KL estimator.")
+    kl_coef: float | None = _field(
+        None,
+        description="β of the KL penalty (null: the algorithm's default). ppo: per token in the reward, 0.05 "
+        "(InstructGPT used 0.02); rloo: summed over the response in the reward, 0.05 (TRL's RLOOTrainer); grpo: "
+        "k3 term in the loss, 0.04 (DeepSeekMath; TRL's GRPOTrainer defaults to 0, no KL); reinforce_pp: per "
+        "token in the reward, 0.01 (OpenRLHF's default).",
+        ge=0,
+    )
+    kl_estimator: Literal["k1", "k3"] | None = _field(
+        None,
+        description="Per-token KL estimator: k1 = log π/π_ref, k3 = Schulman's (r − 1) − log r (null: k3 for grpo, "
+        "as DeepSeekMath; k1 for the others, as InstructGPT, TRL's RLOOTrainer and OpenRLHF). grpo rejects k1: in "
+        "a loss its expected gradient is zero.",
+    )
     adaptive_kl: bool = _field(False, description="Adapt kl_coef towards target_kl (Ziegler et al. 2019).")
     target_kl: float = _field(6.0, description="Target KL (nats per response) for the adaptive controller.", gt=0)
     kl_horizon: int = _field(10000, description="Horizon (episodes) of the adaptive KL controller.", ge=1)
     whiten_scores: bool = _field(False, description="Whiten RM scores per batch (N+: it shortens outputs; off).")
-    gamma: float = _field(1.0, description="GAE discount.", ge=0, le=1)
-    lam: float = _field(0.95, description="GAE λ.", ge=0, le=1)
-    clip_eps: float = _field(0.2, description="Policy ratio clip ε.", gt=0)
-    value_clip: float = _field(0.2, description="Value clip range around the rollout values.", gt=0)
-    vf_coef: float = _field(0.1, description="Value loss coefficient.", ge=0)
+    gamma: float = _field(
+        1.0, description="Discount of the per-token returns: GAE's for ppo, the return-to-go for reinforce_pp "
+        "(1.0 in both papers). Not for rloo and grpo (one advantage per response).", ge=0, le=1
+    )
+    lam: float = _field(0.95, description="GAE λ. ppo only.", ge=0, le=1)
+    clip_eps: float = _field(
+        0.2, description="Policy ratio clip ε (PPO; the same 0.2 in TRL's RLOO and GRPO trainers and OpenRLHF). rloo "
+        "clips one ratio per response (as TRL's RLOOTrainer), the others one per token.", gt=0
+    )
+    value_clip: float = _field(0.2, description="Value clip range around the rollout values. ppo only.", gt=0)
+    vf_coef: float = _field(0.1, description="Value loss coefficient. ppo only.", ge=0)
     value_head_on_policy: bool = _field(
         False,
         description="Cheaper variant: no value adapter; the value is a linear head on the policy's final hidden states "
         "(one forward for both). The value loss trains that head only (its gradient stops at the policy's features, so "
-        "it never moves the policy): a weaker critic than the default separate value adapter.",
+        "it never moves the policy): a weaker critic than the default separate value adapter. ppo only.",
+    )
+    dr_grpo: bool = _field(
+        False,
+        description="grpo only: Dr. GRPO (Liu et al. 2025, arXiv 2503.20783): advantages r − mean without the "
+        "division by the group std, and the loss summed over tokens and divided by a constant (responses × "
+        "response_length) instead of averaged per response: both normalisations bias GRPO (by prompt difficulty, "
+        "by response length). TRL's scale_rewards='none' with loss_type='dr_grpo'.",
+    )
+    reinforce_pp_baseline: bool = _field(
+        False,
+        description="reinforce_pp only: REINFORCE++-baseline (Hu 2025), for samples_per_prompt >= 2: subtract the "
+        "mean score of the prompt's samples before the KL is added and the batch is whitened (OpenRLHF's "
+        "reinforce_baseline).",
     )
     kl_warn_bound: float = _field(20.0, description="Warn when the mean KL per response exceeds this.", gt=0, affects_output=False)
     save_every: int = _field(10, description="Checkpoint every N steps.", ge=1, affects_output=False)
     sample_every: int = _field(5, description="Write a samples table every N steps.", ge=1, affects_output=False)
 
+    @property
+    def responses_per_step(self) -> int:
+        """Responses a process samples and trains on per step: rollout_batch_size × samples_per_prompt."""
+        return self.rollout_batch_size * self.samples_per_prompt
+
     @model_validator(mode="after")
-    def _batches_divide(self) -> PPOConfig:
-        if self.rollout_batch_size % self.num_mini_batches:
-            raise ValueError(f"rollout_batch_size ({self.rollout_batch_size}) must be a multiple of num_mini_batches "
-                             f"({self.num_mini_batches})")
-        mini = self.rollout_batch_size // self.num_mini_batches
-        if mini % min(self.micro_batch_size, mini):
-            raise ValueError(f"a mini-batch ({mini} = rollout_batch_size / num_mini_batches) must be a multiple of "
-                             f"micro_batch_size ({self.micro_batch_size})")
+    def _algorithm_defaults_and_consistency(self) -> PPOConfig:
+        self._fill_algorithm_defaults()
+        problems = self._algorithm_problems() + self._batch_problems()
         if self.missing_eos_penalty is not None and self.missing_eos_score is not None and "missing_eos_score" in self.model_fields_set:
-            raise ValueError("set missing_eos_score or missing_eos_penalty, not both")
+            problems.append("set missing_eos_score or missing_eos_penalty, not both")
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+    def _fill_algorithm_defaults(self) -> None:
+        """Fill the fields whose default depends on `algorithm` and that the config left unset or null.
+        Written to __dict__: with validate_assignment an assignment would run this validator again.
+        Re-run on every validation, so assigning another algorithm re-derives the unset ones."""
+        for name, value in ALGORITHM_DEFAULTS[self.algorithm].items():
+            if name not in self.model_fields_set or getattr(self, name) is None:
+                self.__dict__[name] = value
+
+    def _algorithm_problems(self) -> list[str]:
+        """Fields set explicitly that make no sense for the chosen algorithm, and missing requirements."""
+        alg, given = self.algorithm, self.model_fields_set
+        problems = []
+        if alg in CRITIC_FREE:
+            value_fields = [f for f in VALUE_MODEL_FIELDS if f in given]
+            if value_fields:
+                problems.append(f"{', '.join(value_fields)} configure{'s' if len(value_fields) == 1 else ''} PPO's value "
+                                f"model; algorithm '{alg}' trains no critic: remove {'it' if len(value_fields) == 1 else 'them'} "
+                                "(or use algorithm: ppo)")
+        if alg in GROUP_ALGORITHMS:
+            if "gamma" in given:
+                problems.append(f"gamma discounts per-token returns; algorithm '{alg}' gives one advantage per response: "
+                                "remove it")
+            if self.samples_per_prompt < 2:
+                problems.append(f"algorithm '{alg}' compares the samples of a prompt with each other: samples_per_prompt "
+                                f"must be at least 2 (got {self.samples_per_prompt})")
+        if "dr_grpo" in given and alg != "grpo":
+            problems.append(f"dr_grpo applies to algorithm 'grpo' only (algorithm is '{alg}')")
+        if "reinforce_pp_baseline" in given and alg != "reinforce_pp":
+            problems.append(f"reinforce_pp_baseline applies to algorithm 'reinforce_pp' only (algorithm is '{alg}')")
+        elif self.reinforce_pp_baseline and self.samples_per_prompt < 2:
+            problems.append("reinforce_pp_baseline subtracts the mean score of a prompt's samples: samples_per_prompt "
+                            f"must be at least 2 (got {self.samples_per_prompt})")
+        if alg == "grpo" and self.kl_estimator == "k1":
+            problems.append("algorithm 'grpo' puts the KL in the loss, where the k1 estimator's expected gradient is "
+                            "zero (it is the score function): use kl_estimator k3 (DeepSeekMath) or leave it unset")
+        return problems
+
+    def _batch_problems(self) -> list[str]:
+        """The step's responses must split into mini-batches, and a mini-batch into micro-batches."""
+        k, total = self.samples_per_prompt, self.responses_per_step
+        what = f"rollout_batch_size ({self.rollout_batch_size})" if k == 1 else (
+            f"rollout_batch_size × samples_per_prompt ({self.rollout_batch_size} × {k} = {total} responses)")
+        if total % self.num_mini_batches:
+            return [f"{what} must be a multiple of num_mini_batches ({self.num_mini_batches})"]
+        mini = total // self.num_mini_batches
+        if mini % min(self.micro_batch_size, mini):
+            source = "rollout_batch_size" if k == 1 else "rollout_batch_size × samples_per_prompt"
+            return [f"a mini-batch ({mini} = {source} / num_mini_batches) must be a multiple of "
+                    f"micro_batch_size ({self.micro_batch_size})"]
+        return []
 
 
 JUDGE_FORM = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$")

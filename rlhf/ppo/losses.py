@@ -8,21 +8,32 @@ Losses return ``(loss, stats)``: ``loss`` is a 0-dim tensor to backpropagate, ``
 dict of detached 0-dim tensors named as in PPO.md's metrics (kept as tensors so the
 training loop does not force a device sync per micro-batch; call ``.item()`` when logging).
 
+The critic-free algorithms' losses sit beside PPO's: :func:`sequence_policy_loss` (RLOO, as
+TRL 1.16's RLOOTrainer) and :func:`grpo_policy_loss` (GRPO and Dr. GRPO); their advantages are in
+``rlhf.ppo.critic_free``.
+
 Sources:
 - PPO: Schulman et al. 2017, arXiv 1707.06347.
 - InstructGPT: Ouyang et al. 2022, arXiv 2203.02155.
 - N+: Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO", arXiv 2403.17031.
+- RLOO: Ahmadian et al. 2024, arXiv 2402.14740. GRPO: Shao et al. 2024 (DeepSeekMath),
+  arXiv 2402.03300. Dr. GRPO: Liu et al. 2025, arXiv 2503.20783.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 
-from rlhf.ppo.advantages import _bool_mask, masked_mean, masked_var
+from rlhf.ppo.advantages import _bool_mask, kl_penalty, masked_mean, masked_var
 
 __all__ = [
     "policy_loss",
+    "sequence_policy_loss",
+    "GRPOAggregation",
+    "grpo_policy_loss",
     "value_loss",
     "logprobs_from_logits",
     "entropy_from_logits",
@@ -74,6 +85,137 @@ def policy_loss(
             "approxkl": 0.5 * masked_mean(log_ratio**2, m),
             "clipfrac": masked_mean((clipped > unclipped).float(), m),
             "ratio_mean": masked_mean(ratio, m),
+        }
+    return loss, stats
+
+
+def sequence_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped surrogate with one ratio per *response*: RLOO's loss (TRL 1.16 RLOOTrainer).
+
+    ``ratio_b = exp(Σ_t (logp − logp_old))`` over the valid tokens of response ``b``;
+    ``loss = mean_b max(−A_b·ratio_b, −A_b·clip(ratio_b, 1−ε, 1+ε))``.
+
+    Args:
+        logprobs: ``(B, T)`` log-probabilities of the sampled tokens, current policy (with
+            gradient).
+        old_logprobs: ``(B, T)`` the same at rollout time.
+        advantages: ``(B,)`` one advantage per response (``critic_free.rloo_advantages``).
+        mask: ``(B, T)`` valid response tokens.
+        clip_eps: ε, 0.2 (TRL 1.16 ``RLOOConfig.epsilon``).
+
+    Returns:
+        ``(loss, stats)``; ``stats``: ``approxkl`` (``0.5·mean_b(Σ_t log-ratio)²``, the
+        sequence-level analogue of :func:`policy_loss`'s), ``clipfrac`` (fraction of responses
+        whose clipped term is active), ``ratio_mean`` (mean sequence ratio).
+
+    Why: RLOO treats the whole response as one action (Ahmadian et al. 2024, arXiv 2402.14740):
+    its gradient at ratio 1 is ``−mean_b A_b · Σ_t ∇logp_t``, plain REINFORCE on the sequence
+    log-probability, with no per-token averaging that would weight short responses'
+    tokens more. The clip only matters from the second optimizer step on one batch. The
+    log-ratio is zeroed on masked positions before the sum, so padding cannot make it inf.
+    """
+    m = _bool_mask(mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    seq_log_ratio = torch.where(m, logprobs - old_logprobs, zero).sum(-1)
+    ratio = torch.exp(seq_log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    loss = torch.maximum(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * (seq_log_ratio**2).mean(),
+            "clipfrac": (clipped > unclipped).float().mean(),
+            "ratio_mean": ratio.mean(),
+        }
+    return loss, stats
+
+
+# How grpo_policy_loss turns per-token losses into one number:
+# "sequence_mean": mean over each response's valid tokens, then over responses (GRPO, eq. 3 of
+#   DeepSeekMath: 1/G Σ_i 1/|o_i| Σ_t);
+# "constant": the sum over every valid token divided by B · max_length (Dr. GRPO: no 1/|o_i|).
+GRPOAggregation = Literal["sequence_mean", "constant"]
+
+
+def grpo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float = 0.2,
+    kl_coef: float = 0.04,
+    aggregation: GRPOAggregation = "sequence_mean",
+    max_length: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """GRPO's loss: token-level clipped surrogate plus ``β`` times the k3 KL to the reference.
+
+    Per valid token: ``ℓ_t = max(−A·ratio_t, −A·clip(ratio_t, 1−ε, 1+ε)) + β·k3_t`` with
+    ``ratio_t = exp(logp_t − logp_old_t)`` and
+    ``k3_t = exp(logp_ref_t − logp_t) − (logp_ref_t − logp_t) − 1``; then aggregated
+    (``aggregation``).
+
+    Args:
+        logprobs: ``(B, T)`` current policy (with gradient; the KL term's gradient flows through
+            it too).
+        old_logprobs: ``(B, T)`` at rollout time.
+        ref_logprobs: ``(B, T)`` under the reference (SFT) model.
+        advantages: ``(B,)`` per response (``critic_free.grpo_advantages``) or ``(B, T)``.
+        mask: ``(B, T)`` valid response tokens.
+        clip_eps: ε, 0.2 (TRL 1.16 ``GRPOConfig.epsilon``; PPO's value).
+        kl_coef: β, 0.04 (DeepSeekMath §4.2; TRL 1.16 defaults to 0.0, i.e. no KL term).
+        aggregation: ``"sequence_mean"`` (GRPO) or ``"constant"`` (Dr. GRPO).
+        max_length: the constant for ``"constant"``: the longest response the sampler may
+            produce (``ppo.response_length``; TRL's ``max_completion_length``). Required there.
+
+    Returns:
+        ``(loss, stats)``; ``stats``: ``approxkl``, ``clipfrac``, ``ratio_mean`` (means over
+        valid tokens, as :func:`policy_loss`), ``kl`` (mean k3 over valid tokens) and
+        ``pg_loss`` (the surrogate part alone, aggregated like the loss).
+
+    Why: GRPO puts the KL in the loss instead of the reward, so the advantage stays the pure
+    group-relative score, and uses k3, which is unbiased and never negative (Shao et al. 2024,
+    arXiv 2402.03300, eq. 3-4; Schulman 2020). The per-response mean gives each response the
+    same weight whatever its length, which favours short correct and long wrong answers; Dr.
+    GRPO divides by a constant instead (Liu et al. 2025, arXiv 2503.20783). Log-ratios are
+    zeroed on masked positions before any exponential, so padding cannot produce inf/NaN.
+    """
+    m = _bool_mask(mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    if advantages.dim() == 1:
+        advantages = advantages[:, None]
+    log_ratio = torch.where(m, logprobs - old_logprobs, zero)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
+    surrogate = torch.maximum(unclipped, clipped)
+    # k3 on sanitised inputs: masked positions get logp = logp_ref, hence k3 = 0 and a finite gradient.
+    kl = kl_penalty(torch.where(m, logprobs, ref_logprobs.to(logprobs.dtype)), ref_logprobs.to(logprobs.dtype), "k3", mask=m)
+
+    def aggregate(per_token: torch.Tensor) -> torch.Tensor:
+        per_token = torch.where(m, per_token, zero)
+        if aggregation == "sequence_mean":
+            return (per_token.sum(-1) / m.sum(-1).clamp(min=1)).mean()
+        if aggregation == "constant":
+            if max_length is None or max_length < 1:
+                raise ValueError(f"the 'constant' aggregation needs max_length >= 1, got {max_length}.")
+            return per_token.sum() / (per_token.shape[0] * max_length)
+        raise ValueError(f"unknown aggregation {aggregation!r}; use 'sequence_mean' or 'constant'.")
+
+    loss = aggregate(surrogate + kl_coef * kl)
+    with torch.no_grad():
+        stats = {
+            "approxkl": 0.5 * masked_mean(log_ratio**2, m),
+            "clipfrac": masked_mean((clipped > unclipped).float(), m),
+            "ratio_mean": masked_mean(ratio, m),
+            "kl": masked_mean(kl, m),
+            "pg_loss": aggregate(surrogate),
         }
     return loss, stats
 
