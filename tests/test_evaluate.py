@@ -22,7 +22,6 @@ from rlhf.evaluate import (
     compare_policy,
     describe,
     eos_change_split,
-    eval_state,
     gain_decomposition,
     judge_scores,
     kl_per_response,
@@ -41,6 +40,7 @@ from rlhf.evaluate import (
     stderr,
     summary_metrics,
 )
+from rlhf.staleness import eval_state
 from tests.conftest import write_config
 
 

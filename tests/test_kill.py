@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import load_config
-from rlhf.runs import file_problem
+from rlhf.atomic import file_problem
 from tests.conftest import write_config
 from tests.kill_harness import PPO_TOL, run_harness
 
@@ -154,7 +154,7 @@ def _ppo_checkpoints(tiny_ppo_run: Path, tmp_path: Path) -> Path:
 
 
 def test_ppo_temp_checkpoint_left_by_a_kill_is_skipped(tiny_ppo_run, tmp_path, caplog):
-    from rlhf.config import stage_hash
+    from rlhf.staleness import stage_hash
     from rlhf.ppo.trainer import latest_resumable
 
     root = _ppo_checkpoints(tiny_ppo_run, tmp_path)
@@ -168,7 +168,7 @@ def test_ppo_temp_checkpoint_left_by_a_kill_is_skipped(tiny_ppo_run, tmp_path, c
 
 
 def test_ppo_damaged_checkpoint_falls_back_to_the_previous_one(tiny_ppo_run, tmp_path, caplog):
-    from rlhf.config import stage_hash
+    from rlhf.staleness import stage_hash
     from rlhf.ppo.trainer import latest_resumable
 
     root = _ppo_checkpoints(tiny_ppo_run, tmp_path)
