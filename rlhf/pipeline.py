@@ -44,6 +44,19 @@ def plan(cfg: PipelineConfig, start: str | None = None, only: str | None = None,
     return todo
 
 
+def nothing_to_run(cfg: PipelineConfig, start: str | None = None, only: str | None = None, force: bool = False) -> bool:
+    """Whether run-all would skip every stage and the evaluation: all of them are up to date.
+    Reads manifests and hashes files only (no torch), so a finished run answers in a fraction of a second."""
+    if plan(cfg, start, only, force):
+        return False
+    return not evaluates_after(cfg, only) or eval_state(cfg)[0]
+
+
+def evaluates_after(cfg: PipelineConfig, only: str | None) -> bool:
+    """Whether run-all considers `rlhf eval` after the stages (it still skips an up-to-date one)."""
+    return only is None and cfg.eval.enabled and cfg.rm is not None
+
+
 def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: str | None = None,
             only: str | None = None, force: bool = False, echo=print, verbose: bool = False) -> None:
     """Other libraries' output goes to each stage's log.txt (and to the terminal with `verbose`);
@@ -85,7 +98,7 @@ def _run_stages(cfg, config_path, overrides, start, only, force, echo, verbose, 
             raise StageFailed(f"the {stage} stage failed (exit status {status}); earlier stages are kept. "
                               f"Fix the cause and rerun: it resumes from the last checkpoint", status)
         echo(closing_line(cfg, stage, results[-1]["seconds"]))
-    if only is None and cfg.eval.enabled and cfg.rm is not None:
+    if evaluates_after(cfg, only):
         _run_eval(cfg, config_path, overrides, rerun=force or bool(todo), echo=echo, verbose=verbose, results=results)
 
 
