@@ -25,7 +25,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from rlhf.config import UPSTREAM, PipelineConfig
+from rlhf.config import STAGES, UPSTREAM, PipelineConfig
 from rlhf.data import LOCAL_SUFFIXES
 from rlhf.errors import UserError
 
@@ -183,7 +183,7 @@ def stage_state(cfg: PipelineConfig, stage: str) -> StageState:
 
 def eval_inputs(cfg: PipelineConfig) -> dict[str, Any]:
     """What an evaluation depends on: the stage hashes and the eval section (less `enabled`)."""
-    inputs = {s: stage_hash(cfg, s) for s in ("sft", "rm", "ppo") if getattr(cfg, s) is not None}
+    inputs = {s: stage_hash(cfg, s) for s in STAGES if getattr(cfg, s) is not None}
     settings = json.dumps(cfg.eval.model_dump(mode="json", exclude={"enabled"}), sort_keys=True)
     inputs["eval"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
     return inputs
