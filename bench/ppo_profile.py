@@ -200,7 +200,7 @@ def main() -> None:
     print(f"{B} prompts x {P} prompt tokens + {R} response tokens, base {str(dtype).replace('torch.', '')}, "
           f"{torch.get_num_threads()} threads; peak matmul {peak / 1e9:.0f} GFLOP/s, bandwidth {bw / 1e9:.1f} GB/s",
           file=sys.stderr)
-    print(f"| phase | time s | GFLOP | GFLOP/s | % of peak matmul | GB read | % of bandwidth bound |", file=sys.stderr)
+    print("| phase | time s | GFLOP | GFLOP/s | % of peak matmul | GB read | % of bandwidth bound |", file=sys.stderr)
     print("|---|---|---|---|---|---|---|", file=sys.stderr)
     for row in rows:
         rate = row["flops"] / row["s"] if row["s"] else 0.0

@@ -187,7 +187,7 @@ def export_adapter(trainer, out_dir: Path, criterion: Criterion) -> int | None:
     Copying the checkpoint's files (written by the same `trainer.save_model` as the final save,
     gathered across processes under ZeRO-3/FSDP) works whatever the distribution strategy."""
     from rlhf.hf_trainer import save_adapter
-    from rlhf.runs import save_atomically
+    from rlhf.atomic import save_atomically
 
     best = best_evaluation(trainer, criterion)
     if best is None:

@@ -136,9 +136,9 @@ def validate(config: ConfigOpt = None, set_: SetOpt = None) -> None:
 
 
 def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> None:
-    """What `rlhf validate` checks (and `run-all` first, before any stage loads a model): the data
-    sets' columns and types, the model reference, a chat template where the data needs one, and
-    that the run folder can be written."""
+    """What `rlhf validate` checks (and `run-all` first, when a stage or the evaluation will run, before
+    any stage loads a model): the data sets' columns and types, the model reference, a chat template
+    where the data needs one, and that the run folder can be written."""
     from rlhf.config import STAGES
     from rlhf.data import (
         check_data, filter_preferences, is_local, needs_chat_template, preference_records, prompt_records, sft_records,
@@ -255,12 +255,13 @@ def run_all(
         "runs/<name>/<stage>/log.txt and the terminal gets our lines only."))] = False,
 ) -> None:
     """Run sft -> rm -> ppo, each in a fresh process, skipping stages that are up to date."""
-    from rlhf.pipeline import plan
+    from rlhf.pipeline import nothing_to_run, plan
     from rlhf.pipeline import run_all as run_pipeline
 
     cfg = _load(config, set_)
     config = config_file(config)
-    check_all(cfg, config, typer.echo)  # a mistake costs seconds: found before any stage loads a model
+    if not nothing_to_run(cfg, from_, only, force or fresh):  # up to date: nothing will read the data or the model
+        check_all(cfg, config, typer.echo)  # a mistake costs seconds: found before any stage loads a model
     with _writing(cfg, "rlhf run-all"):
         if fresh:  # under the lock: never delete checkpoints another run is writing
             import shutil

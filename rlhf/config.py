@@ -1,4 +1,4 @@
-"""The typed tree of `pipeline.yaml`: load, validate, override, and hash per stage.
+"""The typed tree of `pipeline.yaml`: load, validate, override (stage hashes: rlhf.staleness).
 
 Every field is documented where it is declared (the README's config reference is generated
 from these descriptions by `rlhf config-reference`). Validation collects every problem in
@@ -8,8 +8,6 @@ the file at once and names each bad key with the closest valid one, with its lin
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -628,75 +626,6 @@ def validate_config(
 
 def dump_config(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-
-
-# ---------------------------------------------------------------------------- hashing
-
-
-def _output_relevant(section: BaseModel) -> dict[str, Any]:
-    """The fields of a section that change what a stage produces (logging cadence and the like excluded)."""
-    out: dict[str, Any] = {}
-    for name, field in type(section).model_fields.items():
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        if field.exclude or not extra.get("affects_output", True):
-            continue
-        value = getattr(section, name)
-        out[name] = _output_relevant(value) if isinstance(value, BaseModel) else value
-    return out
-
-
-def file_fingerprint(path: str | None) -> str | None:
-    """sha256 of a local data file, or of the data files in a local folder (their names and
-    contents), so editing the data makes a stage stale; None for hub ids."""
-    from rlhf.data import LOCAL_SUFFIXES
-
-    if not path:
-        return None
-    p = Path(path).expanduser()
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in LOCAL_SUFFIXES)
-    elif p.is_file():
-        files = [p]
-    else:
-        return None
-    h = hashlib.sha256()
-    for file in files:
-        if p.is_dir():
-            h.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def stage_hash(cfg: PipelineConfig, stage: str) -> str:
-    """Hash of everything that determines a stage's output: its own section, the shared sections
-    it uses (model, lora, seed), the contents of its local data files, and its upstream stages' hashes."""
-    section = getattr(cfg, stage)
-    if section is None:
-        raise UserError(f"{cfg.source}: no '{stage}' section; add one to run the {stage} stage")
-    payload = {
-        "stage": stage,
-        "section": _output_relevant(section),
-        "model": _output_relevant(cfg.model),
-        "lora": _output_relevant(cfg.lora),
-        "seed": cfg.seed,
-        "data": [file_fingerprint(section.data.path), file_fingerprint(section.data.eval_path)],
-        "upstream": {u: stage_hash(cfg, u) for u in UPSTREAM[stage]},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (for 'stale because ...')."""
-    keys = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            keys += changed_keys(a, b, f"{prefix}{k}.")
-        elif a != b:
-            keys.append(f"{prefix}{k}")
-    return keys
 
 
 def config_reference() -> str:

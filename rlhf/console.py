@@ -112,7 +112,7 @@ def _width() -> int:
 
 def headline(cfg: PipelineConfig, stage: str) -> str:
     """The figure that matters for a finished stage, from its manifest (and eval/eval.json)."""
-    from rlhf.runs import read_manifest
+    from rlhf.staleness import read_manifest
 
     if stage == "eval":
         return eval_headline(cfg)

@@ -12,8 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-EVAL_DIR = "eval"
-EVAL_FILE = "eval.json"
+from rlhf.staleness import EVAL_DIR, EVAL_FILE  # noqa: F401  (eval.json is what staleness reads)
 SAMPLES_FILE = "samples.jsonl"
 CALIBRATION_PNG = "rm_calibration.png"
 OVEROPT_PNG = "overoptimisation.png"

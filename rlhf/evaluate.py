@@ -36,7 +36,6 @@ itself: the models, the passes over them and the assembly of eval.json, which re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -47,7 +46,7 @@ from typing import Any, Callable
 
 import torch
 
-from rlhf.config import PipelineConfig, stage_hash
+from rlhf.config import PipelineConfig
 from rlhf.errors import UserError
 from rlhf.eval_results import (
     CALIBRATION_PNG,
@@ -60,7 +59,9 @@ from rlhf.eval_results import (
 )
 from rlhf.judges import judge_scores, load_judge
 from rlhf.report import plot_calibration, plot_overoptimisation
-from rlhf.runs import write_json_atomically, write_jsonl_atomically
+from rlhf.atomic import write_json_atomically, write_jsonl_atomically
+from rlhf.runs import stage_run
+from rlhf.staleness import eval_inputs, stage_hash
 from rlhf.stats import (
     calibration_bins,
     describe,
@@ -209,43 +210,6 @@ def score_pairs_with_reward_role(env: Env, pairs) -> tuple[list[float], list[flo
     return scores[:len(records)], scores[len(records):]
 
 
-# ---------------------------------------------------------------------------- inputs and staleness
-
-
-def eval_inputs(cfg: PipelineConfig) -> dict[str, Any]:
-    """What an evaluation depends on: the stage hashes and the eval section (less `enabled`)."""
-    inputs = {s: stage_hash(cfg, s) for s in ("sft", "rm", "ppo") if getattr(cfg, s) is not None}
-    settings = json.dumps(cfg.eval.model_dump(mode="json", exclude={"enabled"}), sort_keys=True)
-    inputs["eval"] = hashlib.sha256(settings.encode()).hexdigest()[:16]
-    return inputs
-
-
-def eval_state(cfg: PipelineConfig) -> tuple[bool, str]:
-    """(up to date, why not): eval.json exists and was computed from the current stages and settings."""
-    path = cfg.stage_dir(EVAL_DIR) / EVAL_FILE
-    try:
-        old = json.loads(path.read_text(encoding="utf-8")).get("inputs")
-    except (OSError, json.JSONDecodeError):
-        return False, "never run"
-    if old != eval_inputs(cfg):
-        return False, "a stage or the eval settings changed"
-    return True, ""
-
-
-def require_stages(cfg: PipelineConfig, what: str) -> None:
-    """Every configured stage must be finished and current; else name the command that makes it so."""
-    from rlhf.runs import STAGE_COMMAND, stage_state
-
-    for stage in ("sft", "rm", "ppo"):
-        if getattr(cfg, stage) is None:
-            continue
-        state = stage_state(cfg, stage)
-        if state.status != "done":
-            raise UserError(f"{what} needs a finished, current {stage} stage in {cfg.stage_dir(stage)} "
-                            f"({state.status}: {state.reason}); run `{STAGE_COMMAND[stage]} --config "
-                            f"{cfg.source or 'pipeline.yaml'}` first (or `rlhf run-all`)")
-
-
 # ---------------------------------------------------------------------------- the evaluation
 
 
@@ -363,12 +327,10 @@ def run(cfg: PipelineConfig) -> Path:
     from rlhf.data import needs_chat_template, ppo_data, render, rm_data
     from rlhf.models import load_tokenizer
 
-    if cfg.rm is None:
-        raise UserError(f"{cfg.source}: rlhf eval needs an rm section (the reward model scores everything)")
-    require_stages(cfg, "rlhf eval")
+    stage = stage_run(cfg, EVAL_DIR)  # an rm section; every configured stage finished and current
     judge = load_judge(cfg.eval.judge) if cfg.eval.judge else None  # fail on a bad judge before loading models
     t0 = time.perf_counter()
-    out_dir = cfg.stage_dir(EVAL_DIR)
+    out_dir = stage.dir
     out_dir.mkdir(parents=True, exist_ok=True)
     sft_model = str(cfg.stage_dir("sft") / "model")
     need_template = needs_chat_template(cfg.rm.data, cfg.seed) or (cfg.ppo is not None and needs_chat_template(cfg.ppo.data, cfg.seed))

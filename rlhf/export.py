@@ -11,10 +11,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rlhf.atomic import write_file_atomically
 from rlhf.config import PipelineConfig
 from rlhf.errors import UserError
 from rlhf.model_card import CARD_FILE, card_text
-from rlhf.runs import stage_state, write_file_atomically
+from rlhf.staleness import stage_state
 
 
 def export_stage(cfg: PipelineConfig, stage: str, to: str | Path, push_to_hub: str | None = None,

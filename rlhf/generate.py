@@ -26,7 +26,8 @@ def generate_text(cfg: PipelineConfig, stage: str, prompt: str, max_new_tokens: 
 
     from rlhf.data import render
     from rlhf.models import load_tokenizer, model_kwargs
-    from rlhf.runs import STAGE_COMMAND, stage_state
+    from rlhf.runs import STAGE_COMMAND
+    from rlhf.staleness import stage_state
     from rlhf.sampling import generate_pinned, pinned_generation_config, stop_token_id
 
     if stage not in ("sft", "ppo"):

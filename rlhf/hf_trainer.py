@@ -14,10 +14,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from rlhf.atomic import file_problem, replace_dir, save_atomically
 from rlhf.best_checkpoint import RM, SFT, auto_steps, keep_best_callback
-from rlhf.config import PipelineConfig, TrainSection, stage_hash
+from rlhf.config import PipelineConfig, TrainSection
 from rlhf.models import export_dtype, model_kwargs, torch_dtype
-from rlhf.runs import file_problem, replace_dir, save_atomically
+from rlhf.staleness import stage_hash
 from rlhf.tracking import METRICS_FILE, metrics_callback, report_to, trim_metrics
 
 log = logging.getLogger(__name__)

@@ -218,7 +218,7 @@ def card_text(cfg: PipelineConfig, stage: str, kind: str, manifest: dict[str, An
 
 def write_stage_cards(cfg: PipelineConfig, stage: str, manifest: dict[str, Any]) -> list[Path]:
     """Write README.md into the stage's model/ and adapter/ folders (those that exist); returns them."""
-    from rlhf.runs import write_file_atomically
+    from rlhf.atomic import write_file_atomically
 
     written = []
     for kind in ("model", "adapter"):

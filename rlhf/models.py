@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from rlhf.errors import UserError
-from rlhf.runs import current_umask, save_atomically
+from rlhf.atomic import current_umask, save_atomically
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,7 @@
 """run-all: the stages in order, each in a fresh process, skipping those already up to date.
 
 A stage is up to date when its manifest says `done` with the current config hash and the
-current hashes of its upstream stages (rlhf.runs.stage_state). `--from STAGE` reruns from a
+current hashes of its upstream stages (rlhf.staleness.stage_state). `--from STAGE` reruns from a
 stage on, `--only STAGE` runs one, `--force` ignores the manifests. A failing stage stops the
 pipeline and leaves the earlier stages intact; rerunning continues from its last checkpoint.
 Before PPO starts, the reward model's held-out accuracy must pass `rm.min_accuracy`
@@ -19,7 +19,7 @@ from rlhf.config import STAGES, PipelineConfig
 from rlhf.errors import UserError
 from rlhf.launch import check_launch, needs_accelerate
 from rlhf.rm_gate import check_before_ppo
-from rlhf.runs import stage_state
+from rlhf.staleness import eval_state, stage_state
 
 
 def plan(cfg: PipelineConfig, start: str | None = None, only: str | None = None, force: bool = False) -> list[tuple[str, str]]:
@@ -42,6 +42,19 @@ def plan(cfg: PipelineConfig, start: str | None = None, only: str | None = None,
         elif state.status != "done":
             todo.append((stage, f"{state.status}: {state.reason}"))
     return todo
+
+
+def nothing_to_run(cfg: PipelineConfig, start: str | None = None, only: str | None = None, force: bool = False) -> bool:
+    """Whether run-all would skip every stage and the evaluation: all of them are up to date.
+    Reads manifests and hashes files only (no torch), so a finished run answers in a fraction of a second."""
+    if plan(cfg, start, only, force):
+        return False
+    return not evaluates_after(cfg, only) or eval_state(cfg)[0]
+
+
+def evaluates_after(cfg: PipelineConfig, only: str | None) -> bool:
+    """Whether run-all considers `rlhf eval` after the stages (it still skips an up-to-date one)."""
+    return only is None and cfg.eval.enabled and cfg.rm is not None
 
 
 def run_all(cfg: PipelineConfig, config_path: str, overrides: list[str], start: str | None = None,
@@ -85,7 +98,7 @@ def _run_stages(cfg, config_path, overrides, start, only, force, echo, verbose, 
             raise StageFailed(f"the {stage} stage failed (exit status {status}); earlier stages are kept. "
                               f"Fix the cause and rerun: it resumes from the last checkpoint", status)
         echo(closing_line(cfg, stage, results[-1]["seconds"]))
-    if only is None and cfg.eval.enabled and cfg.rm is not None:
+    if evaluates_after(cfg, only):
         _run_eval(cfg, config_path, overrides, rerun=force or bool(todo), echo=echo, verbose=verbose, results=results)
 
 
@@ -93,8 +106,6 @@ def _run_eval(cfg: PipelineConfig, config_path: str, overrides: list[str], rerun
               results: list | None = None) -> None:
     """`rlhf eval` after the stages, in its own process like them; skipped when eval/eval.json was
     computed from the current stages and eval settings and no stage ran now."""
-    from rlhf.evaluate import eval_state
-
     up_to_date, reason = eval_state(cfg)
     if up_to_date and not rerun:
         echo(f"eval: up to date, skipped ({cfg.stage_dir('eval')})")

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from rlhf.config import PipelineConfig
-from rlhf.runs import save_figure, write_file_atomically
+from rlhf.atomic import save_figure, write_file_atomically
 from rlhf.tracking import METRICS_FILE, read_metrics
 
 REPORT_DIR = "eval"

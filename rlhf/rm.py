@@ -64,15 +64,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from rlhf import best_checkpoint
+from rlhf.atomic import write_json_atomically
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, rm_data
 from rlhf.errors import UserError
 from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
 from rlhf.models import load_tokenizer, lora_config, model_kwargs
 from rlhf.rm_gate import gate_verdict
-from rlhf.runs import (
-    begin_stage, fail_stage, finish_stage, read_manifest, require_upstream, stage_state, write_json_atomically,
-)
+from rlhf.runs import stage_run
+from rlhf.staleness import read_manifest, stage_state
 from rlhf.tracking import METRICS_FILE, MetricsWriter
 
 if TYPE_CHECKING:
@@ -345,23 +345,17 @@ def _quiet_head_init():
 
 def run(cfg: PipelineConfig) -> Path:
     """Train the reward model, export adapter + head + merged model, evaluate; returns rm/model."""
-    if cfg.rm is None:
-        raise UserError(f"{cfg.source}: no 'rm' section; add one to run the reward-model stage")
-    require_upstream(cfg, STAGE)
+    stage = stage_run(cfg, STAGE)  # an rm section, a finished and current SFT stage
 
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    state = PartialState()
-    is_main = state.is_main_process
-    stage_dir = cfg.stage_dir(STAGE)
+    stage_dir = stage.dir
     sft_model = str(cfg.stage_dir("sft") / "model")
     tokenizer = load_tokenizer(cfg.model, sft_model, need_chat_template=needs_chat_template(cfg.rm.data, cfg.seed))
     data = rm_data(cfg, tokenizer)  # user errors (columns, empty files, nothing left) surface here
-    manifest = begin_stage(cfg, STAGE) if is_main else {}
-    try:
+    with stage:  # manifest running -> done, or failed on any error (rlhf.runs)
         set_seed(cfg.seed)  # the score head is initialised at random on load
         with _quiet_head_init():
             model = AutoModelForSequenceClassification.from_pretrained(
@@ -392,7 +386,7 @@ def run(cfg: PipelineConfig) -> Path:
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if is_main:
+        if stage.is_main:
             write_score_head(stage_dir / "adapter")
             with _quiet_head_init():
                 export_merged(cfg, sft_model, stage_dir / "adapter", stage_dir / "model",
@@ -401,15 +395,10 @@ def run(cfg: PipelineConfig) -> Path:
             metrics.update(_evaluate(cfg, stage_dir, data, device, metrics["global_step"], selection))
             metrics["data"] = data.report
             metrics["conversational"] = data.conversational
-            finish_stage(cfg, STAGE, manifest, metrics, {
+            stage.finish(metrics, {
                 "model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter"),
                 "score_head": str(stage_dir / "adapter" / SCORE_HEAD_FILE), "eval": str(stage_dir / EVAL_FILE),
             })
-        state.wait_for_everyone()
-    except BaseException as e:
-        if is_main:
-            fail_stage(cfg, STAGE, manifest, f"{type(e).__name__}: {e}")
-        raise
     return stage_dir / "model"
 
 

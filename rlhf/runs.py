@@ -1,193 +1,51 @@
-"""The run directory: layout, stage manifests, atomic writes, and "is this stage up to date?".
+"""A stage's run in the run folder: the checks before it, its manifest, and the processes' waits.
+
+Every stage goes through one lifecycle (`stage_run`, used by rlhf.sft, rlhf.rm, rlhf.ppo.stage,
+and for its checks by rlhf.evaluate):
+
+    stage = stage_run(cfg, "rm")  # its config section, its upstream stages finished and current
+    data = ...                    # user mistakes in the data surface here, before anything is written
+    with stage:                   # manifest `running`; every process waits for the main one
+        ...train...
+        if stage.is_main:
+            ...write the outputs...
+            stage.finish(metrics, outputs)  # manifest `done`, after every output is written
+    # leaving the block: the processes wait for each other; an exception marks the manifest `failed`
 
 runs/<run_name>/<stage>/manifest.json records the stage's config hash, its upstream stages'
-hashes, its status and final metrics. A stage is marked `done` only after all its outputs are
-written (each by an atomic rename), so a crash never leaves a `done` stage with partial outputs.
+hashes, its status and final metrics (rlhf.staleness reads it back). A stage is marked `done`
+only after all its outputs are written (each by an atomic rename, rlhf.atomic), so a crash never
+leaves a `done` stage with partial outputs. Under `accelerate launch` only the main process
+writes the manifest; the others wait for it where the files matter.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
-import shutil
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from rlhf.config import UPSTREAM, PipelineConfig, changed_keys, dump_config, stage_hash
+from rlhf.atomic import write_json_atomically
+from rlhf.config import STAGES, UPSTREAM, PipelineConfig, dump_config
 from rlhf.errors import UserError
+from rlhf.staleness import EVAL_DIR, MANIFEST, read_manifest, stage_config, stage_hash, stage_state, weights_fingerprint
 
-MANIFEST = "manifest.json"
 STAGE_COMMAND = {"sft": "rlhf sft", "rm": "rlhf rm", "ppo": "rlhf ppo"}
+# What running a stage (or the evaluation) without the config section it needs says.
+NO_SECTION = {
+    "rm": ("rm", "no 'rm' section; add one to run the reward-model stage"),
+    "ppo": ("ppo", "no 'ppo' section; add one to run the PPO stage"),
+    EVAL_DIR: ("rm", "rlhf eval needs an rm section (the reward model scores everything)"),
+}
 
 
-def current_umask() -> int:
-    """The process umask (reading it means setting it; it is set straight back)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+# ---------------------------------------------------------------------------- before a stage starts
 
 
-def write_file_atomically(path: Path, write: Callable[[Any], None], mode: str = "w", suffix: str = "") -> None:
-    """Call `write(f)` on a temp file next to `path`, fsync, rename: readers see the old file or the
-    whole new one. The file gets the usual permissions (0666 minus the umask; mkstemp alone would
-    make it private to its owner). `suffix`: for writers that look at the extension (savefig)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomically(path: Path, data: Any) -> None:
-    """JSON through write_file_atomically."""
-
-    def write(f) -> None:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-
-    write_file_atomically(path, write)
-
-
-def write_jsonl_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
-    """One JSON object per line through write_file_atomically."""
-    write_file_atomically(path, lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
-def save_figure(fig, path: Path) -> None:
-    """A matplotlib figure as a PNG through write_file_atomically (a reader never sees half a PNG)."""
-    write_file_atomically(path, lambda f: fig.savefig(f, format="png", dpi=110, bbox_inches="tight"), mode="wb")
-
-
-def replace_dir(tmp: Path, out_dir: Path) -> Path:
-    """Move a finished folder into place by renames only, so `out_dir` is never half-written."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(out_dir.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
-
-
-def save_atomically(out_dir: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp_dir)` and rename it to `out_dir`: a reader sees the old folder or the whole new one."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private to its owner
-        write(tmp)
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
-
-
-def file_problem(path: Path) -> str | None:
-    """Why a written file is unusable (missing, or cut short by a kill mid-write), or None when it reads
-    back whole. Checks structure only and unpickles nothing: safetensors header and data length, JSON
-    syntax, and the CRC of every member of a torch.save zip (.pt, .pth, .bin)."""
-    import struct
-    import zipfile
-
-    path = Path(path)
-    if not path.is_file():
-        return f"{path.name} is missing"
-    try:
-        if path.suffix == ".safetensors":
-            with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    return f"{path.name} is truncated"
-                (n,) = struct.unpack("<Q", head)
-                header = json.loads(f.read(n))
-            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            if path.stat().st_size < 8 + n + end:
-                return f"{path.name} is truncated"
-        elif path.suffix == ".json":
-            json.loads(path.read_text(encoding="utf-8"))
-        elif path.suffix in (".pt", ".pth", ".bin"):
-            with zipfile.ZipFile(path) as z:
-                bad = z.testzip()
-            if bad is not None:
-                return f"{path.name} is damaged ({bad})"
-    except (OSError, ValueError, KeyError, TypeError, struct.error, zipfile.BadZipFile, EOFError) as e:
-        return f"{path.name} is unreadable ({type(e).__name__})"
-    return None
-
-
-def weights_fingerprint(model_dir: Path) -> str | None:
-    """sha256 over a model folder's *.safetensors files (names and bytes), or None when it has none:
-    the identity of the weights a downstream stage was trained on."""
-    import hashlib
-
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for file in files:
-        h.update(file.name.encode() + b"\0")
-        with open(file, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
-    path = Path(stage_dir) / MANIFEST
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # a torn manifest counts as no manifest: the stage reruns
-
-
-def _stage_config(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
-    dumped = cfg.model_dump(mode="json")
-    return {"model": dumped["model"], "lora": dumped["lora"], "seed": dumped["seed"], stage: dumped[stage]}
-
-
-@dataclass
-class StageState:
-    """Where a stage stands relative to the current config."""
-
-    status: str  # done | stale | missing | interrupted | failed
-    reason: str = ""
-    manifest: dict[str, Any] | None = None
-
-
-def stage_state(cfg: PipelineConfig, stage: str) -> StageState:
-    manifest = read_manifest(cfg.stage_dir(stage))
-    if manifest is None:
-        return StageState("missing", "never run")
-    if manifest.get("status") != "done":
-        return StageState(manifest.get("status", "interrupted"), manifest.get("error", "did not finish"), manifest)
-    if manifest.get("config_hash") != stage_hash(cfg, stage):
-        keys = changed_keys(manifest.get("config", {}), _stage_config(cfg, stage))
-        upstream_changed = [u for u in UPSTREAM[stage] if manifest.get("upstream", {}).get(u) != stage_hash(cfg, u)]
-        why = []
-        if keys:
-            why.append("changed: " + ", ".join(keys))
-        if upstream_changed:
-            why.append("upstream changed: " + ", ".join(upstream_changed))
-        return StageState("stale", "; ".join(why) or "data files changed", manifest)
-    return StageState("done", "", manifest)
+def require_section(cfg: PipelineConfig, stage: str) -> None:
+    section, message = NO_SECTION.get(stage, (stage, ""))
+    if getattr(cfg, section) is None:
+        raise UserError(f"{cfg.source}: {message}")
 
 
 def require_upstream(cfg: PipelineConfig, stage: str) -> None:
@@ -203,6 +61,18 @@ def require_upstream(cfg: PipelineConfig, stage: str) -> None:
         check_same_base(cfg)
 
 
+def require_stages(cfg: PipelineConfig, what: str) -> None:
+    """Every configured stage must be finished and current; else name the command that makes it so."""
+    for stage in STAGES:
+        if getattr(cfg, stage) is None:
+            continue
+        state = stage_state(cfg, stage)
+        if state.status != "done":
+            raise UserError(f"{what} needs a finished, current {stage} stage in {cfg.stage_dir(stage)} "
+                            f"({state.status}: {state.reason}); run `{STAGE_COMMAND[stage]} --config "
+                            f"{cfg.source or 'pipeline.yaml'}` first (or `rlhf run-all`)")
+
+
 def check_same_base(cfg: PipelineConfig) -> None:
     """PPO puts the reward adapter on sft/model: refuse an RM whose manifest records other SFT weights
     (e.g. the SFT stage was forced to rerun and came out different; hashes of configs cannot see that)."""
@@ -216,6 +86,9 @@ def check_same_base(cfg: PipelineConfig) -> None:
             f"{cfg.stage_dir('sft') / 'model'} holds now (sha256 {recorded[:12]} vs {str(current)[:12]}); retrain it: "
             f"`rlhf run-all --from rm --config {cfg.source or 'pipeline.yaml'}`"
         )
+
+
+# ---------------------------------------------------------------------------- the manifest
 
 
 def begin_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
@@ -237,7 +110,7 @@ def begin_stage(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
         "status": "running",
         "config_hash": stage_hash(cfg, stage),
         "upstream": {u: stage_hash(cfg, u) for u in UPSTREAM[stage]},
-        "config": _stage_config(cfg, stage),
+        "config": stage_config(cfg, stage),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if stage in ("rm", "ppo"):  # both train on sft/model; PPO checks the RM saw the same weights
@@ -258,3 +131,77 @@ def finish_stage(cfg: PipelineConfig, stage: str, manifest: dict[str, Any], metr
 def fail_stage(cfg: PipelineConfig, stage: str, manifest: dict[str, Any], error: str) -> None:
     manifest = dict(manifest, status="failed", error=error, finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     write_json_atomically(cfg.stage_dir(stage) / MANIFEST, manifest)
+
+
+# ---------------------------------------------------------------------------- the lifecycle
+
+
+class StageRun:
+    """One run of a trained stage (see the module docstring). `with` it around the work the manifest
+    records: entering marks the stage `running` (main process) and waits for every process; leaving
+    waits for every process again, or, on any exception, marks the stage `failed` with the error and
+    lets the exception through. `finish` marks it `done`.
+
+    The evaluation uses only the checks (stage "eval"): it writes no manifest, its eval.json records
+    its inputs (rlhf.staleness.eval_state)."""
+
+    def __init__(self, cfg: PipelineConfig, stage: str):
+        self.cfg = cfg
+        self.stage = stage
+        self.dir = cfg.stage_dir(stage)
+        self.manifest: dict[str, Any] | None = None  # the `running` manifest, once entered (main process)
+        self._processes = None
+
+    @property
+    def processes(self):
+        """accelerate's view of the processes running this stage (made on first use: it needs torch)."""
+        if self._processes is None:
+            from accelerate import PartialState
+
+            self._processes = PartialState()
+        return self._processes
+
+    @property
+    def is_main(self) -> bool:
+        """The process that writes the stage's files (the only one, without `accelerate launch`)."""
+        return self.processes.is_main_process
+
+    def __enter__(self) -> StageRun:
+        if self.stage not in STAGES:
+            raise TypeError(f"{self.stage}: only the trained stages ({', '.join(STAGES)}) keep a manifest")
+        if self.is_main:
+            self.manifest = begin_stage(self.cfg, self.stage)
+        self.processes.wait_for_everyone()  # e.g. PPO's main process prunes checkpoints before the others resume
+        return self
+
+    def finish(self, metrics: dict[str, Any], outputs: dict[str, str]) -> None:
+        """Mark the stage done (main process); call only after every output has been written."""
+        if self.is_main:
+            finish_stage(self.cfg, self.stage, self.manifest, metrics, outputs)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            try:
+                self.processes.wait_for_everyone()
+            except BaseException as e:
+                self._fail(e)
+                raise
+            return False
+        self._fail(exc)
+        return False
+
+    def _fail(self, error: BaseException) -> None:
+        if self.manifest is not None and self.is_main:
+            fail_stage(self.cfg, self.stage, self.manifest, f"{type(error).__name__}: {error}")
+
+
+def stage_run(cfg: PipelineConfig, stage: str) -> StageRun:
+    """The checks before `stage` (sft, rm, ppo, or eval) runs, each a UserError naming what to do:
+    its config section is there, and its upstream stages (for the evaluation: every configured
+    stage) are finished and current, PPO's RM on the SFT weights there now. Loads nothing."""
+    require_section(cfg, stage)
+    if stage == EVAL_DIR:
+        require_stages(cfg, "rlhf eval")
+    else:
+        require_upstream(cfg, stage)
+    return StageRun(cfg, stage)

@@ -18,7 +18,7 @@ from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, sft_data
 from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
 from rlhf.models import load_tokenizer, lora_config, model_kwargs, resolve_model
-from rlhf.runs import begin_stage, fail_stage, finish_stage
+from rlhf.runs import stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
@@ -26,17 +26,15 @@ STAGE = "sft"
 
 def run(cfg: PipelineConfig) -> Path:
     """Train the SFT adapter and export it; returns the merged model folder."""
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    is_main = PartialState().is_main_process
-    stage_dir = cfg.stage_dir(STAGE)
+    stage = stage_run(cfg, STAGE)
+    stage_dir = stage.dir
     base_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(cfg.model, base_path, need_chat_template=needs_chat_template(cfg.sft.data, cfg.seed))
     data = sft_data(cfg, tokenizer)  # user errors surface here, before the model loads
-    manifest = begin_stage(cfg, STAGE) if is_main else {}
-    try:
+    with stage:  # manifest running -> done, or failed on any error (rlhf.runs)
         model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
         args = SFTConfig(
             **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
@@ -52,7 +50,7 @@ def run(cfg: PipelineConfig) -> Path:
         best_checkpoint.train(trainer, resume_checkpoint(cfg, STAGE), criterion, cfg.sft.early_stopping_patience)
         # The checkpoint of lowest held-out loss (the last state without held-out data).
         best_checkpoint.export_adapter(trainer, stage_dir / "adapter", criterion)
-        if is_main:
+        if stage.is_main:
             export_merged(cfg, base_path, stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)
             best = best_checkpoint.best_evaluation(trainer, criterion)
             metrics = final_metrics(trainer, {"eval_loss": best["eval_loss"]} if best else None)
@@ -61,10 +59,5 @@ def run(cfg: PipelineConfig) -> Path:
                 metrics.update(best_step=selection["best_step"], selected_by=selection["selected_by"],
                                eval_curve=selection["curve"])
             metrics["data"] = data.report
-            finish_stage(cfg, STAGE, manifest, metrics, {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
-        PartialState().wait_for_everyone()
-    except BaseException as e:
-        if is_main:
-            fail_stage(cfg, STAGE, manifest, f"{type(e).__name__}: {e}")
-        raise
+            stage.finish(metrics, {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
     return stage_dir / "model"

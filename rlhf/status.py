@@ -1,7 +1,7 @@
 """`rlhf status`: where each stage of a run stands, in one table.
 
 For every stage: its state relative to the current config (done / stale and why / missing /
-running or interrupted / failed — rlhf.runs.stage_state decides, this module only adds what a
+running or interrupted / failed — rlhf.staleness.stage_state decides, this module only adds what a
 person wants to see beside it), the step of its latest checkpoint, a few key metrics (for the
 reward model, the verdict of PPO's quality gate, rlhf.rm_gate) and where its outputs are.
 Reading only: nothing here loads a model or writes a file.
@@ -17,7 +17,7 @@ from typing import Any
 
 from rlhf.config import STAGES, PipelineConfig
 from rlhf.rm_gate import read_verdict
-from rlhf.runs import stage_state
+from rlhf.staleness import stage_state
 from rlhf.tracking import METRICS_FILE, read_metrics
 
 # What each manifest/metrics status is shown as. "running" stays "running" in the manifest when a

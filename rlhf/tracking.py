@@ -188,7 +188,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def trim_metrics(path: Path, step: int) -> None:
     """Keep the rows of a JSONL log (metrics, samples) logged up to `step`, the checkpoint a run resumes
     from, minus end-of-training summaries; step 0 removes the file."""
-    from rlhf.runs import write_jsonl_atomically
+    from rlhf.atomic import write_jsonl_atomically
 
     path = Path(path)
     if not path.is_file():

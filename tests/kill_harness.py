@@ -20,7 +20,7 @@ After the kill the harness records what the folder shows (the observed phase, an
 checkpoint was left), reruns `run-all` to the end, and checks:
 
 - no stage is ever marked done with incomplete outputs (checked right after the kill and after
-  the rerun: every file of adapter/ and model/ reads back whole, see rlhf.runs.file_problem);
+  the rerun: every file of adapter/ and model/ reads back whole, see rlhf.atomic.file_problem);
 - a torn checkpoint left by the kill is detected and skipped with a warning (the rerun's log says
   "skipping incomplete checkpoint") and none remains afterwards;
 - the run completes (exit 0, every stage done);
@@ -185,7 +185,7 @@ def observed_phase(stage_dir: Path, stage: str) -> str:
 
 def output_problems(stage_dir: Path) -> list[str]:
     """For a stage marked done: every file of its adapter/ and model/ must read back whole."""
-    from rlhf.runs import file_problem
+    from rlhf.atomic import file_problem
 
     problems = []
     for sub in ("adapter", "model"):

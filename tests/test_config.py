@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, write_config
-from rlhf.config import load_config, stage_hash, validate_config
+from rlhf.config import load_config, validate_config
+from rlhf.staleness import stage_hash
 from rlhf.errors import UserError
 
 SFT_DATA = str(REPO / "data" / "demo" / "sft_train.jsonl")

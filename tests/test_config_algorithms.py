@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import write_config
-from rlhf.config import load_config, stage_hash
+from rlhf.config import load_config
+from rlhf.staleness import stage_hash
 from rlhf.errors import UserError
 
 

@@ -56,7 +56,7 @@ def test_our_bars_are_told_from_other_libraries_bars():
 
 def test_closing_lines_and_summary_from_the_manifests(tiny_eval_run):
     cfg = load_config(tiny_eval_run)
-    from rlhf.runs import read_manifest
+    from rlhf.staleness import read_manifest
 
     rm = read_manifest(cfg.stage_dir("rm"))["metrics"]
     assert closing_line(cfg, "sft", 75).startswith("sft: done in 1m15s: held-out loss ")

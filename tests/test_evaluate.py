@@ -18,7 +18,7 @@ from rlhf.cli import app
 from rlhf.config import load_config
 from rlhf.errors import UserError
 from rlhf.eval_results import overoptimisation_warning, summary_metrics
-from rlhf.evaluate import compare_policy, eval_state, load_env, load_policy_adapter, load_policy_checkpoint
+from rlhf.evaluate import compare_policy, load_env, load_policy_adapter, load_policy_checkpoint
 from rlhf.judges import judge_scores, load_judge
 from rlhf.sampling import generate
 from rlhf.stats import (
@@ -35,6 +35,7 @@ from rlhf.stats import (
     response_stats,
     stderr,
 )
+from rlhf.staleness import eval_state
 from tests.conftest import write_config
 
 

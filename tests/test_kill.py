@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import load_config
-from rlhf.runs import file_problem
+from rlhf.atomic import file_problem
 from tests.conftest import write_config
 from tests.kill_harness import PPO_TOL, run_harness
 
@@ -154,8 +154,8 @@ def _ppo_checkpoints(tiny_ppo_run: Path, tmp_path: Path) -> Path:
 
 
 def test_ppo_temp_checkpoint_left_by_a_kill_is_skipped(tiny_ppo_run, tmp_path, caplog):
-    from rlhf.config import stage_hash
     from rlhf.ppo.checkpoint import latest_resumable
+    from rlhf.staleness import stage_hash
 
     root = _ppo_checkpoints(tiny_ppo_run, tmp_path)
     config_hash = stage_hash(load_config(tiny_ppo_run), "ppo")
@@ -168,8 +168,8 @@ def test_ppo_temp_checkpoint_left_by_a_kill_is_skipped(tiny_ppo_run, tmp_path, c
 
 
 def test_ppo_damaged_checkpoint_falls_back_to_the_previous_one(tiny_ppo_run, tmp_path, caplog):
-    from rlhf.config import stage_hash
     from rlhf.ppo.checkpoint import latest_resumable
+    from rlhf.staleness import stage_hash
 
     root = _ppo_checkpoints(tiny_ppo_run, tmp_path)
     config_hash = stage_hash(load_config(tiny_ppo_run), "ppo")

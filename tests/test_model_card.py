@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from rlhf.cli import app
 from rlhf.config import load_config
-from rlhf.runs import read_manifest
+from rlhf.staleness import read_manifest
 
 runner = CliRunner()
 
@@ -51,11 +51,11 @@ def test_rm_cards_show_the_held_out_accuracy_and_the_classifier(tiny_rm_run):
 
 def test_front_matter_names_a_known_base_its_licence_and_hub_data(tmp_path, tiny_sft_run):
     from rlhf.model_card import card_text
-    from rlhf.runs import _stage_config
+    from rlhf.staleness import stage_config
 
     cfg = load_config(tiny_sft_run, ["model.name_or_path=embedded:smollm2-135m-instruct",
                                      "sft.data.path=HuggingFaceH4/no_robots"])
-    manifest = dict(read_manifest(load_config(tiny_sft_run).stage_dir("sft")), config=_stage_config(cfg, "sft"))
+    manifest = dict(read_manifest(load_config(tiny_sft_run).stage_dir("sft")), config=stage_config(cfg, "sft"))
     (tmp_path / "README.md").write_text(card_text(cfg, "sft", "model", manifest))
     meta = _card(tmp_path).data
     assert meta.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta.license == "apache-2.0"

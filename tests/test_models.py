@@ -86,7 +86,7 @@ def test_embedded_tiny_is_built_once_and_cached(fresh_cache, monkeypatch):
     assert path.parent == fresh_cache
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in path.iterdir()}
     assert [p.name for p in fresh_cache.iterdir() if ".tmp-" in p.name] == []
-    from rlhf.runs import current_umask
+    from rlhf.atomic import current_umask
 
     assert path.stat().st_mode & 0o777 == 0o777 & ~current_umask()  # a cache others may share, not mkdtemp's 0700
     mtime = (path / "model.safetensors").stat().st_mtime_ns

@@ -72,9 +72,9 @@ def test_ppo_nan_loss_stops_with_exit_3_and_resumes_from_last_good_checkpoint(ti
     turns NaN in step 3: exit 3, ppo marked failed, step-2 intact; the rerun resumes from step-2
     and ends with the uninterrupted run's adapter."""
     import rlhf.ppo.trainer as T
-    from rlhf.config import stage_hash
+    from rlhf.atomic import file_problem
     from rlhf.ppo.checkpoint import latest_resumable
-    from rlhf.runs import file_problem
+    from rlhf.staleness import stage_hash
 
     config = copy_stages(tiny_ppo_run, tmp_path, ("sft", "rm"))
     cfg = load_config(config)

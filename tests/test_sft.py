@@ -61,14 +61,14 @@ def test_sft_writes_its_outputs(sft_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "done" and manifest["stage"] == "sft"
     cfg = load_config(sft_run)
-    from rlhf.config import stage_hash
+    from rlhf.staleness import stage_hash
 
     assert manifest["config_hash"] == stage_hash(cfg, "sft")
     assert manifest["metrics"]["global_step"] == 4
     assert manifest["metrics"]["data"]["train"] == {"kept": 32, "dropped": {}}
     assert "eval_loss" in manifest["metrics"]
     assert (out.parent / "pipeline.yaml").is_file()
-    from rlhf.runs import stage_state
+    from rlhf.staleness import stage_state
 
     assert stage_state(cfg, "sft").status == "done"
 

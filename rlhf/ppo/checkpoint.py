@@ -24,7 +24,7 @@ import torch
 
 from rlhf.ppo.distributed import seed_everything, weights_digest
 from rlhf.ppo.roles import Roles
-from rlhf.runs import save_atomically
+from rlhf.atomic import save_atomically
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def latest_resumable(ckpt_root: Path, config_hash: str) -> Path | None:
     Checkpoints are written to step-N.tmp-* and renamed, so a kill mid-write leaves a temp folder
     (skipped with a warning) and the previous checkpoint; a renamed checkpoint whose files do not
     read back whole (damaged on disk) is skipped with a warning too."""
-    from rlhf.runs import file_problem
+    from rlhf.atomic import file_problem
 
     for torn in sorted(Path(ckpt_root).glob("step-*.tmp-*")) if Path(ckpt_root).is_dir() else []:
         log.warning("skipping incomplete checkpoint %s (the run was killed while writing it)", torn)

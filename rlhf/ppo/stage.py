@@ -10,13 +10,15 @@ Under `accelerate launch` (launcher.num_processes > 1) every process trains on i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 from pathlib import Path
 
-from rlhf.config import PipelineConfig, stage_hash
+from rlhf.config import PipelineConfig
 from rlhf.errors import UserError
+from rlhf.staleness import stage_hash
 
 log = logging.getLogger(__name__)
 STAGE = "ppo"
@@ -27,7 +29,7 @@ def _save_policy_adapter(roles, out_dir: Path) -> Path:
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    from rlhf.runs import save_atomically
+    from rlhf.atomic import save_atomically
 
     def write(tmp: Path) -> None:
         state = get_peft_model_state_dict(roles.model, adapter_name="policy")
@@ -41,7 +43,7 @@ def _rm_score_stat(cfg: PipelineConfig, key: str) -> float:
     """A finite score statistic the RM stage recorded in its manifest (score_mean, score_std)."""
     import math
 
-    from rlhf.runs import read_manifest
+    from rlhf.staleness import read_manifest
 
     value = ((read_manifest(cfg.stage_dir("rm")) or {}).get("metrics") or {}).get(key)
     if not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -65,18 +67,15 @@ def _rm_score_std(cfg: PipelineConfig) -> float:
     return std
 
 
-def _processes():
-    """accelerate's view of the processes running this stage; refuses ZeRO and FSDP launches."""
+def _refuse_sharding() -> None:
+    """Refuse ZeRO and FSDP launches."""
     import os
-
-    from accelerate import PartialState
 
     for env, kind in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
         if os.environ.get(env, "").lower() in ("1", "true", "yes"):
             raise UserError(f"the PPO stage cannot run under {kind} (its trainable weights are LoRA adapters switched "
                             "on one shared base, so plain data parallel is what helps); launch it with "
                             "launcher.accelerate_config: configs/accelerate/ddp.yaml")
-    return PartialState()
 
 
 def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
@@ -91,18 +90,16 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     from rlhf.ppo.checkpoint import checkpoint_dirs, latest_resumable
     from rlhf.ppo.distributed import seed_everything
     from rlhf.ppo.trainer import run_loop
-    from rlhf.runs import begin_stage, fail_stage, finish_stage, require_upstream
+    from rlhf.runs import stage_run
     from rlhf.tracking import MetricsWriter, Tracker, trim_metrics
 
-    if cfg.ppo is None:
-        raise UserError(f"{cfg.source}: no 'ppo' section; add one to run the PPO stage")
-    require_upstream(cfg, STAGE)
+    stage = stage_run(cfg, STAGE)  # a ppo section; SFT and RM finished and current, the RM on today's SFT weights
     from rlhf.rm_gate import check_before_ppo
 
     check_before_ppo(cfg)  # an RM at chance would make PPO optimise noise: stop before loading a model
-    state = _processes()
-    is_main = state.is_main_process
-    stage_dir = cfg.stage_dir(STAGE)
+    _refuse_sharding()
+    state = stage.processes
+    stage_dir = stage.dir
     sft_model = cfg.stage_dir("sft") / "model"
     rm_adapter = cfg.stage_dir("rm") / "adapter"
     rm_mean = _rm_score_mean(cfg)
@@ -115,8 +112,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
 
     ckpt_root = stage_dir / "checkpoints"
     config_hash = stage_hash(cfg, STAGE)
-    manifest: dict = {}
-    if is_main:  # the other processes wait, then all resume from the same checkpoint
+    if stage.is_main:  # the other processes wait (entering `stage`), then all resume from the same checkpoint
         if fresh:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         for old in checkpoint_dirs(ckpt_root):  # checkpoints of another config would mislead resume and evaluation
@@ -127,10 +123,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
         done_steps = json.loads((resume_from / "state.json").read_text())["step"] if resume_from else 0
         for name in ("metrics.jsonl", "samples.jsonl"):
             trim_metrics(stage_dir / name, done_steps)
-        manifest = begin_stage(cfg, STAGE)
-    state.wait_for_everyone()
-    tracker = None
-    try:
+    with stage, contextlib.ExitStack() as on_exit:  # manifest running -> done, or failed on any error (rlhf.runs)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         if torch.cuda.is_available() and state.num_processes > 1:
             device = state.device  # this process's GPU
@@ -138,24 +131,18 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
         seed_everything(cfg.seed)  # the policy LoRA's random init (lora_A) must not depend on earlier RNG use
         roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy,
                             score_mean=rm_mean)
-        tracker = Tracker(cfg, STAGE) if is_main else None
+        tracker = Tracker(cfg, STAGE) if stage.is_main else None
+        if tracker is not None:
+            on_exit.callback(tracker.finish)  # also when the stage fails
         metrics = run_loop(roles, tokenizer, prompts, prompt_texts, cfg.ppo, seed=cfg.seed, rm_mean=rm_mean,
                            ckpt_root=ckpt_root, config_hash=config_hash,
-                           metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl", enabled=is_main),
+                           metrics_writer=MetricsWriter(stage_dir / "metrics.jsonl", enabled=stage.is_main),
                            samples_path=stage_dir / "samples.jsonl", tracker=tracker,
                            score_suffix=turn_end_suffix(tokenizer) if data.conversational else [], rm_std=rm_std)
-        if is_main:  # every process holds the same adapters (gradients are averaged)
+        if stage.is_main:  # every process holds the same adapters (gradients are averaged)
             _save_policy_adapter(roles, stage_dir / "adapter")
             del roles, base
             export_merged(cfg, str(sft_model), stage_dir / "adapter", stage_dir / "model", AutoModelForCausalLM, tokenizer)
-            finish_stage(cfg, STAGE, manifest, {**metrics, "data": data.report},
+            stage.finish({**metrics, "data": data.report},
                          {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
-        state.wait_for_everyone()
-    except BaseException as e:
-        if is_main:
-            fail_stage(cfg, STAGE, manifest, f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        if tracker is not None:
-            tracker.finish()
     return stage_dir / "model"
