@@ -21,13 +21,15 @@ SFT_EOS_RATE_WARN = 0.5  # below this share of SFT responses reaching the stop t
 
 def step_metrics(rollout: Rollout, targets: Targets, update: dict[str, float], kl_coef: float, lr: float, episode: int,
                  rollout_s: float, update_s: float) -> dict[str, float]:
-    """The PPO.md metric set for one step (names stable for W&B)."""
+    """The PPO.md metric set for one step (names stable for W&B), the same names for every algorithm
+    where the quantity is the same. Only with a critic (PPO): loss/value, value/clipfrac,
+    value/explained_variance. Only for GRPO: loss/kl, the mean k3 KL per token of its loss term."""
     mask = rollout.response_mask
     lengths = mask.sum(1).float()
     kl_per_response = (targets.kl * mask).sum(1)
     non_score = targets.non_score_rewards.sum(1)
     generated = float(lengths.sum())
-    return {
+    metrics = {
         "objective/scores": rollout.scores.mean().item(),
         "objective/scores_used": targets.scores.mean().item(),
         "objective/kl": kl_per_response.mean().item(),
@@ -39,9 +41,16 @@ def step_metrics(rollout: Rollout, targets: Targets, update: dict[str, float], k
         "policy/clipfrac": update["clipfrac"],
         "policy/ratio_mean": update["ratio"],
         "loss/policy": update["pg_loss"],
-        "loss/value": update["vf_loss"],
-        "value/clipfrac": update["vf_clipfrac"],
-        "value/explained_variance": float(explained_variance(rollout.values, targets.returns, mask)),
+    }
+    if "kl_loss" in update:
+        metrics["loss/kl"] = update["kl_loss"]
+    if targets.returns is not None and rollout.values is not None:
+        metrics.update({
+            "loss/value": update["vf_loss"],
+            "value/clipfrac": update["vf_clipfrac"],
+            "value/explained_variance": float(explained_variance(rollout.values, targets.returns, mask)),
+        })
+    return metrics | {
         "response/length_mean": lengths.mean().item(),
         "response/eos_fraction": rollout.has_stop.float().mean().item(),
         "lr": lr,
