@@ -782,6 +782,8 @@ def test_run_all_with_another_algorithm_reruns_only_ppo_and_eval(tiny_eval_run, 
     prompts = [r["prompt"] for r in samples]
     assert all(len(set(prompts[i:i + k])) == 1 for i in range(0, len(prompts), k))
 
+    name = {"rloo": "RLOO", "grpo": "GRPO", "reinforce_pp": "REINFORCE++"}[algorithm]
+    assert f"# tiny: {name} policy (RLHF against the reward model)\n" in (stage / "model" / "README.md").read_text()
     report = json.loads((cfg.stage_dir("eval") / "eval.json").read_text())
     assert [p["step"] for p in report["overoptimisation"]] == [0, 2, 4]
     assert report["policy"]["n_prompts"] == 2
