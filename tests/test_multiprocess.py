@@ -379,15 +379,19 @@ def test_critic_free_stage_with_two_processes(tiny_rm_run, tmp_path):
     from rlhf.ppo.trainer import step_prompt_indices
 
     config = _ppo_only(tiny_rm_run, tmp_path)
-    proc = _run_all_2(config, extra=["--set", "ppo.algorithm=rloo"])
+    # the RM's scores alone (equal missing-EOS scores would leave RLOO nothing to train, and identical
+    # weights would then prove nothing)
+    overrides = ["ppo.algorithm=rloo", "ppo.missing_eos_score=null"]
+    proc = _run_all_2(config, extra=[a for o in overrides for a in ("--set", o)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-    cfg = load_config(config, ["ppo.algorithm=rloo"])
+    cfg = load_config(config, overrides)
     stage = cfg.stage_dir("ppo")
     assert json.loads((stage / "manifest.json").read_text())["status"] == "done"
     rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert rows[-1]["episode"] == WORLD * cfg.ppo.rollout_batch_size * cfg.ppo.steps
     assert not any(k.startswith("value/") for r in rows for k in r)
+    assert rows[-1]["objective/kl"] != 0.0  # the policy trained
     log = (stage / LOG_FILE).read_text()  # the whole output (the terminal's may join a line to the progress bar)
     for step in (2, 4):
         assert f"step {step}: trained weights identical on all 2 processes" in log

@@ -25,13 +25,14 @@ from tests.conftest import write_config
 
 
 def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32,
-               score_mean: float = 0.0, algorithm: str = "ppo"):
-    """The roles as the stage builds them for `algorithm` (a critic for ppo only); cfg has ppo.algorithm set."""
+               score_mean: float = 0.0, algorithm: str = "ppo", overrides: tuple[str, ...] = ()):
+    """The roles as the stage builds them for `algorithm` (a critic for ppo only); cfg has ppo.algorithm
+    and `overrides` set."""
     from transformers import AutoModelForCausalLM
 
     from rlhf.ppo.algorithms import needs_critic
 
-    cfg = load_config(config_path, [f"ppo.algorithm={algorithm}"])
+    cfg = load_config(config_path, [f"ppo.algorithm={algorithm}", *overrides])
     sft = cfg.stage_dir("sft") / "model"
     tok = load_tokenizer(cfg.model, str(sft))
     torch.manual_seed(seed)
@@ -525,14 +526,20 @@ def _loop(cfg, tok, roles, ckpt: Path, **kw):
 @pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "reinforce_pp"])
 def test_resume_gives_identical_weights(tiny_rm_run, tmp_path, algorithm):
     """0→4 unbroken vs 0→2, stop, new process state, resume 2→4: max abs diff ≤ 1e-6 (exact on CPU),
-    for every algorithm (the critic-free ones: 1 prompt × 4 samples, or 4 × 1, per step, no critic)."""
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm)
+    for every algorithm (the critic-free ones: 1 prompt × 4 samples, or 4 × 1, per step, no critic).
+    The critic-free runs score with the RM alone (the tiny model's responses rarely reach EOS, and
+    equal missing-EOS scores would give RLOO and GRPO nothing to learn: weights that never move
+    would resume trivially)."""
+    # RLOO and GRPO at a fresh policy: KL 0, so equal scores would mean zero advantages
+    overrides = () if algorithm == "ppo" else ("ppo.missing_eos_score=null",)
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides)
     _loop(cfg, tok, roles, tmp_path / "a")
     unbroken = trainable_state(roles)
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm)
+    assert any(v.abs().max() > 0 for k, v in unbroken.items() if "lora_B" in k)  # the policy did train
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides)
     _loop(cfg, tok, roles, tmp_path / "b", stop_after=2)
     torch.manual_seed(999)  # disturb every RNG: resume must restore them
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=77, algorithm=algorithm)  # a different fresh init: overwritten
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=77, algorithm=algorithm, overrides=overrides)  # overwritten
     last = _loop(cfg, tok, roles, tmp_path / "b")
     resumed = trainable_state(roles)
     # Resumed at the last step (a kill during the final export): no step runs, the final metrics
@@ -579,6 +586,27 @@ def test_health_warnings_fire(roles_env, caplog):
     assert "negative" not in " ".join(health_warnings({"objective/kl": -1.0, "response/eos_fraction": 0.5}, ro, cfg.ppo, noisy))
     clear = torch.tensor([-1.0, -1.01])
     assert "negative" in " ".join(health_warnings({"objective/kl": -1.005, "response/eos_fraction": 0.5}, ro, cfg.ppo, clear))
+
+
+def test_group_methods_warn_when_no_prompt_has_a_learning_signal(roles_env):
+    """rloo/grpo: when every prompt's samples scored alike (typically all cut off, all given
+    missing_eos_score), the leave-one-out or group baseline makes every advantage 0: one line says so.
+    One group that differs is enough to stay quiet, and PPO (a learned baseline) never warns."""
+    from rlhf.ppo.metrics import health_warnings
+
+    cfg, tok, roles = roles_env
+    ro = rollout_for(cfg, tok, roles, n=4)
+    grpo = cfg.ppo.model_copy(update={"algorithm": "grpo", "samples_per_prompt": 2})
+    metrics, kl = {"objective/kl": 0.0, "response/eos_fraction": 0.5}, torch.zeros(4)
+    flat = torch.tensor([-1.0, -1.0, 0.3, 0.3])
+
+    def said(ppo, scores):
+        return [w for w in health_warnings(metrics, ro, ppo, kl, scores_used=scores) if "learning signal" in w]
+
+    assert said(grpo, flat) == ["every prompt's 2 samples got the same score (when none reaches the stop token, all "
+                                "get missing_eos_score): the group baseline leaves no learning signal"]
+    assert said(grpo, torch.tensor([-1.0, -1.0, 0.3, 0.4])) == []
+    assert said(cfg.ppo, flat) == []
 
 
 def test_sft_eos_warning_names_the_rate_the_length_and_the_scaled_rule():
@@ -755,10 +783,13 @@ def test_run_all_with_another_algorithm_reruns_only_ppo_and_eval(tiny_eval_run, 
 
     config = write_config(tmp_path, {"eval": {"max_prompts": 2, "samples_per_prompt": 1, "overopt_prompts": 2,
                                               "batch_size": 4}})
-    cfg = load_config(config, [f"ppo.algorithm={algorithm}"])
+    # the RM's scores alone: the tiny model rarely reaches EOS, and equal missing-EOS scores give the
+    # group methods nothing to learn
+    overrides = [f"ppo.algorithm={algorithm}", "ppo.missing_eos_score=null"]
+    cfg = load_config(config, overrides)
     shutil.copytree(load_config(tiny_eval_run).run_dir, cfg.run_dir)
     upstream = {s: (cfg.stage_dir(s) / "manifest.json").read_text() for s in ("sft", "rm")}
-    result = cli("run-all", "--config", str(config), "--set", f"ppo.algorithm={algorithm}")
+    result = cli("run-all", "--config", str(config), *[a for o in overrides for a in ("--set", o)])
     assert result.exit_code == 0, result.output
     said = result.stdout.splitlines()
     for stage in ("sft", "rm"):
@@ -772,6 +803,7 @@ def test_run_all_with_another_algorithm_reruns_only_ppo_and_eval(tiny_eval_run, 
     assert {"objective/scores", "objective/kl", "objective/rlhf_reward", "policy/approxkl", "loss/policy",
             "response/length_mean"} <= set(rows[-1])
     assert not any(k.startswith("value/") or k == "loss/value" for r in rows for k in r)
+    assert rows[-1]["objective/kl"] != 0.0  # the policy moved away from the reference
     assert rows[-1]["episode"] == cfg.ppo.steps * cfg.ppo.rollout_batch_size  # responses, as for PPO
     for step in (2, 4):
         saved = load_file(str(stage / "checkpoints" / f"step-{step}" / "trainable.safetensors"))

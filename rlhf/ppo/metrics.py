@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import PPOConfig
+from rlhf.config import GROUP_ALGORITHMS, PPOConfig
 from rlhf.errors import TrainingDiverged
 from rlhf.ppo.advantages import Targets, masked_mean
 from rlhf.ppo.distributed import ONE_PROCESS, Agreement
@@ -85,14 +85,16 @@ def sft_eos_warning(eos_rate: float, ppo: PPOConfig, rm_std: float = 1.0) -> str
 
 
 def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig, kl_per_response: torch.Tensor,
-                    first_step: bool = False, rm_std: float = 1.0) -> list[str]:
+                    first_step: bool = False, rm_std: float = 1.0, scores_used: torch.Tensor | None = None) -> list[str]:
     """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately.
 
     kl_per_response: (B,) summed KL of each response. "Negative beyond noise" means the batch mean
     is below -3 standard errors (k1 is unbiased but noisy per sample; a clearly negative mean
     points at mismatched log-probs, e.g. dropout or different temperatures). `first_step`: the
     rollout is a fresh run's first, the SFT policy's own (sft_eos_warning replaces the plain
-    no-stop-token warning there)."""
+    no-stop-token warning there). `scores_used`: (B,) the scores entering the reward (groups of
+    samples_per_prompt contiguous); for rloo and grpo, a step where every prompt's samples scored
+    alike has no learning signal (their baselines cancel it), which is worth a line."""
     warnings = []
     B = kl_per_response.numel()
     noise = 3 * kl_per_response.std().item() / B**0.5 if B > 1 else 0.0
@@ -105,6 +107,11 @@ def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig,
         warnings.append(sft_eos)
     elif ppo.stop_token is not None and metrics["response/eos_fraction"] == 0.0:
         warnings.append("no response ended with the stop token; raise response_length or check stop_token")
+    if ppo.algorithm in GROUP_ALGORITHMS and scores_used is not None:
+        groups = scores_used.reshape(-1, ppo.samples_per_prompt)
+        if bool((groups == groups[:, :1]).all()):
+            warnings.append(f"every prompt's {ppo.samples_per_prompt} samples got the same score (when none reaches the "
+                            "stop token, all get missing_eos_score): the group baseline leaves no learning signal")
     responses = {tuple(r[m].tolist()) for r, m in zip(rollout.response_ids, rollout.response_mask)}
     if len(responses) == 1 and rollout.response_ids.shape[0] > 1:
         warnings.append("every response in the batch is identical: the policy may have collapsed")

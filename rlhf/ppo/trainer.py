@@ -298,7 +298,7 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                     raise TrainingDiverged(f"{name} is {value} at step {step + 1}")
             if state.is_main_process:
                 for warning in health_warnings(metrics, rollout, ppo, (targets.kl * rollout.response_mask).sum(1),
-                                               first_step=step == 0, rm_std=rm_std):
+                                               first_step=step == 0, rm_std=rm_std, scores_used=targets.scores):
                     log.warning("step %d: %s", step + 1, warning)
             metrics_writer.write(step + 1, metrics)
             if tracker is not None:
