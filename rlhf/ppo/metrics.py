@@ -85,7 +85,8 @@ def sft_eos_warning(eos_rate: float, ppo: PPOConfig, rm_std: float = 1.0) -> str
 
 
 def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig, kl_per_response: torch.Tensor,
-                    first_step: bool = False, rm_std: float = 1.0, scores_used: torch.Tensor | None = None) -> list[str]:
+                    first_step: bool = False, rm_std: float = 1.0,
+                    scores_used: torch.Tensor | None = None) -> list[str]:
     """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately.
 
     kl_per_response: (B,) summed KL of each response. "Negative beyond noise" means the batch mean

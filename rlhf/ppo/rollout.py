@@ -28,7 +28,8 @@ class Rollout(ScoredResponses):
 
     logprobs: torch.Tensor  # (B, R) policy log π(a_t | s_t) at temperature T; 0 where masked
     ref_logprobs: torch.Tensor  # (B, R) reference (adapters off) log-probs at temperature T; 0 where masked
-    values: torch.Tensor | None  # (B, R) value estimate V(s_t) before each response token; 0 where masked. None: no critic
+    # (B, R) value estimate V(s_t) before each response token; 0 where masked. None without a critic.
+    values: torch.Tensor | None
     entropy: torch.Tensor  # (B, R) policy entropy at temperature T; 0 where masked
 
     def select(self, index: torch.Tensor) -> Rollout:

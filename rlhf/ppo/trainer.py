@@ -25,7 +25,7 @@ import torch
 
 from rlhf.config import PPOConfig
 from rlhf.errors import TrainingDiverged
-from rlhf.ppo.advantages import SumAcross, make_kl_controller, masked_whiten, normalize_scores, one_process_sum
+from rlhf.ppo.advantages import SumAcross, Targets, make_kl_controller, masked_whiten, normalize_scores, one_process_sum
 from rlhf.ppo.algorithms import ALGORITHMS, compute_targets, needs_critic, policy_objective
 from rlhf.ppo.checkpoint import latest_resumable, load_checkpoint, restore_rank_rng, save_all_processes
 from rlhf.ppo.critic_free import repeat_per_prompt
@@ -79,7 +79,7 @@ def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_m
 # ---------------------------------------------------------------------------- update
 
 
-def ppo_update(roles: Roles, rollout: Rollout, targets, optimizer, scheduler, ppo: PPOConfig,
+def ppo_update(roles: Roles, rollout: Rollout, targets: Targets, optimizer, scheduler, ppo: PPOConfig,
                generator: torch.Generator, agreement: Agreement = ONE_PROCESS,
                kl_coef: float | None = None) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout, reshuffled each epoch (PPO.md item 13); one optimizer
@@ -207,7 +207,8 @@ def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> lis
     return out
 
 
-def step_prompt_indices(n_prompts: int, ppo: PPOConfig, step: int, seed: int, rank: int = 0, world: int = 1) -> list[int]:
+def step_prompt_indices(n_prompts: int, ppo: PPOConfig, step: int, seed: int, rank: int = 0,
+                        world: int = 1) -> list[int]:
     """This process's prompts at step `step`, each samples_per_prompt (k) times in a row: rollout_batch_size
     indices, prompt-major (prompt p's samples are rows p·k … p·k + k − 1, critic_free's group layout).
 
