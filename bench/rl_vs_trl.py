@@ -14,7 +14,8 @@ the chat-template rendering of prompt + completion, as RewardTrainer trained it)
 Same on both sides: the first `steps × prompts` prompts of the config's PPO data (each side sees
 each once), `prompts` prompts × `k` completions per optimizer step, one optimizer step per
 generation batch (TRL: per_device_train_batch_size = prompts × k, gradient_accumulation_steps 1,
-num_iterations 1; ours: micro_batch_size = prompts × k, one mini-batch, ppo_epochs 1), response
+num_iterations 1; ours: rollout_batch_size = micro_batch_size = prompts × k responses, one
+mini-batch, ppo_epochs 1), response
 length, temperature 0.7, learning rate with linear decay and no warm-up, clip ε 0.2, β (RLOO 0.05,
 GRPO 0.04: our defaults, passed to TRL, whose GRPO default is 0), GRPO's loss aggregation and
 std scaling (TRL loss_type 'grpo', scale_rewards 'group'; with --dr-grpo 'dr_grpo' and 'none'), no
@@ -30,9 +31,8 @@ side, then one JSON line of ratios per algorithm, ours divided by TRL's:
 `{"algorithm": ..., "completions_per_s_ratio": ..., "peak_rss_ratio": ...}` (above 1 is faster,
 below 1 is less memory). The issue's targets: throughput >= 1.5x and peak memory <= 0.5x TRL's.
 
-Our side needs a training loop that implements the algorithm: it refuses to run, with one clear
-JSON error line, while `rlhf.ppo.trainer.ALGORITHMS` (the algorithms `run_loop` implements;
-absent = PPO only) does not list it, rather than time PPO under another name.
+Our side builds the roles as the PPO stage does for a critic-free algorithm: policy, reference and
+reward on the one base, no value adapter and no value head (rlhf.ppo.roles.build_roles(critic=False)).
 """
 
 from __future__ import annotations
@@ -53,10 +53,6 @@ from ppo_vs_trl import last_json  # noqa: E402  (bench/ is not a package)
 ALGORITHMS = ("rloo", "grpo")
 TEMPERATURE = 0.7
 CLIP_EPS = 0.2
-
-
-class NotWiredYet(RuntimeError):
-    """Our training loop does not implement the requested algorithm."""
 
 
 def peak_rss_gb() -> float:
@@ -159,22 +155,15 @@ def run_trl(a) -> dict:
 
 
 def run_ours(a) -> dict:
-    """Our stage-3 loop (rlhf.ppo.trainer.run_loop, as bench/ppo_vs_trl.py calls it) with ppo.algorithm set.
-
-    Raises NotWiredYet, before loading anything, while run_loop does not implement the algorithm."""
-    from rlhf.ppo import trainer as loop
-
-    implemented = getattr(loop, "ALGORITHMS", ("ppo",))
-    if a.algorithm not in implemented:
-        raise NotWiredYet(f"rlhf.ppo.trainer.run_loop implements {', '.join(implemented)} only, not ppo.algorithm="
-                          f"'{a.algorithm}' (issue 13, phase 2 wires the critic-free algorithms in and lists them in "
-                          "rlhf.ppo.trainer.ALGORITHMS)")
+    """Our stage-3 loop (rlhf.ppo.trainer.run_loop, as bench/ppo_vs_trl.py calls it) with ppo.algorithm set,
+    on roles without a critic (no value adapter, no value head), as the PPO stage builds them."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from rlhf.config import LoraSection, PPOConfig
     from rlhf.data import render
     from rlhf.models import load_tokenizer, lora_config, model_kwargs, turn_end_suffix
+    from rlhf.ppo import trainer as loop
     from rlhf.ppo.roles import build_roles
     from rlhf.tracking import MetricsWriter
 
@@ -192,12 +181,12 @@ def run_ours(a) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(d["sft_model"]), **model_kwargs(model_cfg)).to(device)
     lora = LoraSection(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=0.0, target_modules=cfg.lora.target_modules)
-    # No critic: until build_roles can leave the value role out (phase 2), the head-only variant is the
-    # closest to it (no value adapter).
-    roles = build_roles(base, lora_config(lora, "CAUSAL_LM"), d["rm_adapter"], value_on_policy=True, score_mean=rm_mean)
+    roles = build_roles(base, lora_config(lora, "CAUSAL_LM"), d["rm_adapter"], score_mean=rm_mean, critic=False)
+    assert roles.value_head is None and "value" not in roles.model.peft_config  # the memory a critic would take
     extra = {"dr_grpo": True} if a.algorithm == "grpo" and a.dr_grpo else {}
-    ppo = PPOConfig(data={"path": "unused.jsonl"}, algorithm=a.algorithm, steps=a.steps, rollout_batch_size=a.prompts,
-                    samples_per_prompt=a.k, micro_batch_size=a.prompts * a.k, num_mini_batches=1, ppo_epochs=1,
+    # rollout_batch_size counts responses: a.prompts prompts × a.k samples, TRL's per-device batch
+    ppo = PPOConfig(data={"path": "unused.jsonl"}, algorithm=a.algorithm, steps=a.steps,
+                    rollout_batch_size=a.prompts * a.k, samples_per_prompt=a.k, micro_batch_size=a.prompts * a.k, num_mini_batches=1, ppo_epochs=1,
                     response_length=a.response_length, learning_rate=a.lr, temperature=TEMPERATURE, clip_eps=CLIP_EPS,
                     kl_coef=beta_of(a), missing_eos_score=None, save_every=10**6, sample_every=10**6, **extra)
     t = time.perf_counter()
@@ -275,11 +264,7 @@ def main() -> int:
     if a.k < 2:
         ap.error("--k must be at least 2 (RLOO and GRPO compare a prompt's completions)")
     if a.side:  # a child: one side, one JSON line
-        try:
-            print(json.dumps(run_trl(a) if a.side == "trl" else run_ours(a)))
-        except NotWiredYet as e:
-            print(json.dumps({"impl": "rlhf", "algorithm": a.algorithm, "error": f"not implemented: {e}"}))
-            return 3
+        print(json.dumps(run_trl(a) if a.side == "trl" else run_ours(a)))
         return 0
     run_dirs(a)  # fail here, once, when the stages are missing
     failed = False

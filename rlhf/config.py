@@ -224,15 +224,18 @@ class PPOConfig(Section):
     steps: int = _field(100, description="PPO steps (one rollout batch and its update each).", ge=1)
     rollout_batch_size: int = _field(
         16,
-        description="Prompts per step (per process). Each is sampled samples_per_prompt times, so a step trains on "
-        "rollout_batch_size × samples_per_prompt responses per process; a prompt's samples stay on one process.",
+        description="Responses sampled and trained on per step (per process), as TRL's per-device batch: "
+        "rollout_batch_size / samples_per_prompt prompts, each sampled samples_per_prompt times (a prompt's samples "
+        "contiguous and on one process), so every algorithm costs about the same per step. Must be a multiple of "
+        "samples_per_prompt.",
         ge=1,
     )
     samples_per_prompt: int | None = _field(
         None,
         description="Responses sampled per prompt at each step, k (null: 4 for rloo and grpo, 1 for ppo and "
         "reinforce_pp). rloo and grpo compare a prompt's samples with each other and need k >= 2; the papers use "
-        "k = 2-4 (RLOO) and 64 (DeepSeekMath GRPO; TRL's GRPOTrainer defaults to 8, its RLOOTrainer to 2).",
+        "k = 2-4 (RLOO) and 64 (DeepSeekMath GRPO; TRL's GRPOTrainer defaults to 8, its RLOOTrainer to 2). "
+        "Divides rollout_batch_size.",
         ge=1,
     )
     num_mini_batches: int = _field(1, description="Optimizer steps per epoch over the step's responses.", ge=1)
@@ -323,9 +326,9 @@ class PPOConfig(Section):
     sample_every: int = _field(5, description="Write a samples table every N steps.", ge=1, affects_output=False)
 
     @property
-    def responses_per_step(self) -> int:
-        """Responses a process samples and trains on per step: rollout_batch_size × samples_per_prompt."""
-        return self.rollout_batch_size * self.samples_per_prompt
+    def prompts_per_step(self) -> int:
+        """Prompts a process samples per step: rollout_batch_size / samples_per_prompt."""
+        return self.rollout_batch_size // self.samples_per_prompt
 
     @model_validator(mode="after")
     def _algorithm_defaults_and_consistency(self) -> PPOConfig:
@@ -375,16 +378,17 @@ class PPOConfig(Section):
         return problems
 
     def _batch_problems(self) -> list[str]:
-        """The step's responses must split into mini-batches, and a mini-batch into micro-batches."""
-        k, total = self.samples_per_prompt, self.responses_per_step
-        what = f"rollout_batch_size ({self.rollout_batch_size})" if k == 1 else (
-            f"rollout_batch_size × samples_per_prompt ({self.rollout_batch_size} × {k} = {total} responses)")
+        """The step's responses must hold whole groups of samples_per_prompt, split into mini-batches, and a
+        mini-batch into micro-batches."""
+        k, total = self.samples_per_prompt, self.rollout_batch_size
+        if total % k:
+            return [f"rollout_batch_size ({total}) counts responses and must be a multiple of samples_per_prompt ({k}): "
+                    f"each step samples rollout_batch_size / samples_per_prompt prompts, {k} times each"]
         if total % self.num_mini_batches:
-            return [f"{what} must be a multiple of num_mini_batches ({self.num_mini_batches})"]
+            return [f"rollout_batch_size ({total}) must be a multiple of num_mini_batches ({self.num_mini_batches})"]
         mini = total // self.num_mini_batches
         if mini % min(self.micro_batch_size, mini):
-            source = "rollout_batch_size" if k == 1 else "rollout_batch_size × samples_per_prompt"
-            return [f"a mini-batch ({mini} = {source} / num_mini_batches) must be a multiple of "
+            return [f"a mini-batch ({mini} = rollout_batch_size / num_mini_batches) must be a multiple of "
                     f"micro_batch_size ({self.micro_batch_size})"]
         return []
 

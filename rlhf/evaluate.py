@@ -109,8 +109,8 @@ def load_env(cfg: PipelineConfig, tokenizer, conversational: bool) -> Env:
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = AutoModelForCausalLM.from_pretrained(str(cfg.stage_dir("sft") / "model"), **model_kwargs(cfg.model)).to(device)
-    # value_on_policy=True: build no value adapter, evaluation never uses the critic.
-    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy=True)
+    # critic=False: no value adapter or head, evaluation never uses the critic.
+    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", critic=False)
     e = cfg.eval
     ppo = cfg.ppo
     return Env(cfg=cfg, tokenizer=tokenizer, roles=roles, stop_id=stop_token_id(ppo.stop_token if ppo else "eos", tokenizer), pad_id=tokenizer.pad_token_id,

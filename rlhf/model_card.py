@@ -31,6 +31,17 @@ STAGE_TITLES = {
     "ppo": "PPO policy (RLHF against the reward model)",
 }
 STAGE_TAGS = {"sft": ["sft"], "rm": ["reward-model"], "ppo": ["ppo", "rlhf"]}
+# The stage-3 algorithms (ppo.algorithm) by name, for the card of a policy not trained with PPO.
+ALGORITHM_NAMES = {"ppo": "PPO", "rloo": "RLOO", "grpo": "GRPO", "reinforce_pp": "REINFORCE++"}
+
+
+def stage_title_and_tags(stage: str, stage_config: dict[str, Any]) -> tuple[str, list[str]]:
+    """The card's title and tags: stage 3 says which algorithm trained the policy (`ppo.algorithm`)."""
+    algorithm = stage_config.get("algorithm", "ppo")
+    if stage != "ppo" or algorithm == "ppo":
+        return STAGE_TITLES[stage], STAGE_TAGS[stage]
+    name = ALGORITHM_NAMES.get(algorithm, algorithm)
+    return f"{name} policy (RLHF against the reward model)", [algorithm.replace("_", "-"), "rlhf"]
 
 
 def base_model_info(model_ref: str) -> tuple[str | None, str | None]:
@@ -173,7 +184,8 @@ def card_text(cfg: PipelineConfig, stage: str, kind: str, manifest: dict[str, An
     where = where or str(cfg.stage_dir(stage) / kind)
     data = stage_config.get("data") or {}
     datasets = [p for p in (data.get("path"), data.get("eval_path")) if _is_hub_id(p)]
-    tags = ["rlhf-pipeline", *STAGE_TAGS[stage], "lora", "trl"]
+    title, stage_tags = stage_title_and_tags(stage, stage_config)
+    tags = ["rlhf-pipeline", *stage_tags, "lora", "trl"]
     if kind == "adapter":
         tags.append("peft")
     # The adapter of the RM and PPO stages sits on sft/model, not on the base: no hub base to name.
@@ -187,7 +199,7 @@ def card_text(cfg: PipelineConfig, stage: str, kind: str, manifest: dict[str, An
     base_hint = str(cfg.stage_dir("sft") / "model") if adapter_on_sft else (base_id or model_ref)
     lines = [
         "---", meta.to_yaml(), "---", "",
-        f"# {cfg.run_name}: {STAGE_TITLES[stage]}{' (LoRA adapter)' if kind == 'adapter' else ''}", "",
+        f"# {cfg.run_name}: {title}{' (LoRA adapter)' if kind == 'adapter' else ''}", "",
         f"Made by the `rlhf` pipeline, stage `{stage}` of run `{cfg.run_name}`"
         f" (finished {manifest.get('finished', 'not yet')}, stage config hash `{str(manifest.get('config_hash', ''))[:12]}`).",
         f"Base model: `{model_ref}`" + (f" ([{base_id}](https://huggingface.co/{base_id}))" if base_id else "") + ".",

@@ -28,18 +28,18 @@ def error_of(path, overrides: list[str]) -> str:
 )
 def test_each_algorithm_loads_with_its_defaults(tmp_path, algorithm, samples, kl_coef, estimator, epochs):
     # a ppo section that sets none of the algorithm-dependent fields
-    path = write_config(tmp_path, {"ppo": {"ppo_epochs": None, "rollout_batch_size": 4, "micro_batch_size": 4}})
+    path = write_config(tmp_path, {"ppo": {"ppo_epochs": None, "rollout_batch_size": 8, "micro_batch_size": 4}})
     ppo = load_config(path, [f"ppo.algorithm={algorithm}"]).ppo
     assert (ppo.algorithm, ppo.samples_per_prompt, ppo.kl_coef, ppo.kl_estimator, ppo.ppo_epochs) == (
         algorithm, samples, kl_coef, estimator, epochs)
-    assert ppo.responses_per_step == 4 * samples
+    assert ppo.prompts_per_step == 8 // samples  # rollout_batch_size counts responses, whatever the algorithm
 
 
 def test_settings_given_explicitly_win_over_the_algorithm_defaults(tmp_path):
     path = write_config(tmp_path)  # configs/tiny.yaml sets ppo_epochs: 2
-    ppo = load_config(path, ["ppo.algorithm=grpo", "ppo.kl_coef=0.1", "ppo.samples_per_prompt=8",
+    ppo = load_config(path, ["ppo.algorithm=grpo", "ppo.kl_coef=0.1", "ppo.samples_per_prompt=2",
                              "ppo.dr_grpo=true"]).ppo
-    assert (ppo.kl_coef, ppo.samples_per_prompt, ppo.ppo_epochs, ppo.dr_grpo) == (0.1, 8, 2, True)
+    assert (ppo.kl_coef, ppo.samples_per_prompt, ppo.ppo_epochs, ppo.dr_grpo) == (0.1, 2, 2, True)
     # null means "the algorithm's default", like leaving the key out
     assert load_config(path, ["ppo.algorithm=grpo", "ppo.kl_coef=null"]).ppo.kl_coef == 0.04
     ppo = load_config(path, ["ppo.algorithm=reinforce_pp", "ppo.samples_per_prompt=4", "ppo.reinforce_pp_baseline=true",
@@ -96,15 +96,24 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 
 def test_batches_count_responses_not_prompts(tmp_path):
+    """rollout_batch_size counts responses (TRL's per-device batch), so a critic-free step costs what a PPO
+    step costs: 4 responses are 1 prompt × 4 for rloo, 4 prompts × 1 for ppo."""
     path = write_config(tmp_path)  # rollout_batch_size 4, micro_batch_size 4
-    msg = error_of(path, ["ppo.algorithm=rloo", "ppo.num_mini_batches=3"])
-    assert "rollout_batch_size × samples_per_prompt (4 × 4 = 16 responses) must be a multiple of num_mini_batches (3)" in msg
-    # 16 responses in 2 mini-batches of 8, 2 micro-batches of 4 each: fine, though 4 prompts do not split 8 ways
-    assert load_config(path, ["ppo.algorithm=rloo", "ppo.num_mini_batches=8", "ppo.micro_batch_size=2"]).ppo.responses_per_step == 16
-    msg = error_of(path, ["ppo.algorithm=grpo", "ppo.num_mini_batches=2", "ppo.micro_batch_size=3"])
-    assert "a mini-batch (8 = rollout_batch_size × samples_per_prompt / num_mini_batches) must be a multiple of " \
-           "micro_batch_size (3)" in msg
-    # PPO's message is unchanged
+    assert load_config(path, ["ppo.algorithm=rloo"]).ppo.prompts_per_step == 1
+    assert load_config(path).ppo.prompts_per_step == 4
+    msg = error_of(path, ["ppo.algorithm=rloo", "ppo.samples_per_prompt=3"])
+    assert msg.count("\n") == 0, msg
+    assert "rollout_batch_size (4) counts responses and must be a multiple of samples_per_prompt (3): each step " \
+           "samples rollout_batch_size / samples_per_prompt prompts, 3 times each" in msg
+    assert "rollout_batch_size (4) must be a multiple of num_mini_batches (3)" in error_of(
+        path, ["ppo.algorithm=rloo", "ppo.num_mini_batches=3"])
+    # 16 responses (4 prompts × 4) in 8 mini-batches of 2: fine, though a mini-batch holds half a group
+    # (the advantages are computed over the whole step before the update)
+    assert load_config(path, ["ppo.algorithm=rloo", "ppo.rollout_batch_size=16", "ppo.num_mini_batches=8",
+                              "ppo.micro_batch_size=2"]).ppo.prompts_per_step == 4
+    msg = error_of(path, ["ppo.algorithm=grpo", "ppo.rollout_batch_size=16", "ppo.num_mini_batches=2",
+                          "ppo.micro_batch_size=3"])
+    assert "a mini-batch (8 = rollout_batch_size / num_mini_batches) must be a multiple of micro_batch_size (3)" in msg
     assert "rollout_batch_size (4) must be a multiple of num_mini_batches (3)" in error_of(path, ["ppo.num_mini_batches=3"])
 
 
@@ -118,13 +127,17 @@ def test_algorithm_changes_only_the_ppo_stage_and_an_explicit_default_changes_no
     assert stage_hash(load_config(path, ["ppo.kl_coef=0.05", "ppo.kl_estimator=k1"]), "ppo") == stage_hash(base, "ppo")
 
 
-def test_the_stage_refuses_an_algorithm_its_loop_does_not_implement(tiny_config):
-    """Until the loop lists an algorithm in rlhf.ppo.trainer.ALGORITHMS, `rlhf ppo` says so instead of
-    training PPO under its name (before touching the run folder)."""
+def test_the_loop_implements_every_configurable_algorithm_and_the_stage_refuses_others(tiny_config, monkeypatch):
+    """rlhf.ppo.trainer.ALGORITHMS lists every ppo.algorithm the config accepts; an algorithm missing
+    there (a new one added to the config first) is refused by `rlhf ppo` before it touches the run
+    folder, instead of training PPO under its name."""
+    from typing import get_args
+
+    from rlhf.config import Algorithm
     from rlhf.ppo import run, trainer
 
-    if "rloo" in getattr(trainer, "ALGORITHMS", ("ppo",)):
-        pytest.skip("the training loop implements rloo")
+    assert set(trainer.ALGORITHMS) == set(get_args(Algorithm))
+    monkeypatch.setattr(trainer, "ALGORITHMS", ("ppo",))
     cfg = load_config(tiny_config, ["ppo.algorithm=rloo"])
     with pytest.raises(UserError, match="ppo.algorithm 'rloo' is not implemented by the training loop yet"):
         run(cfg)

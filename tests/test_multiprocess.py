@@ -274,8 +274,8 @@ SITECUSTOMIZE = """
 import os
 if os.environ.get("RANK") == os.environ.get("FAULT_RANK"):
     import signal
-    import rlhf.ppo.trainer as T
-    real, calls = T.policy_loss, [0]
+    import rlhf.ppo.algorithms as A
+    real, calls = A.policy_loss, [0]
     def faulty(*args, **kwargs):
         calls[0] += 1
         loss, stats = real(*args, **kwargs)
@@ -284,7 +284,7 @@ if os.environ.get("RANK") == os.environ.get("FAULT_RANK"):
                 os.kill(os.getpid(), signal.SIGKILL)
             loss = loss * float("nan")
         return loss, stats
-    T.policy_loss = faulty
+    A.policy_loss = faulty
 """
 
 
@@ -302,7 +302,7 @@ def _ppo_only(tiny_rm_run: Path, tmp_path: Path) -> Path:
     return config
 
 
-def _run_all_2(config: Path, fault: dict | None = None) -> subprocess.CompletedProcess:
+def _run_all_2(config: Path, fault: dict | None = None, extra: list[str] | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     if fault:
         inject = config.parent / "inject"
@@ -310,7 +310,7 @@ def _run_all_2(config: Path, fault: dict | None = None) -> subprocess.CompletedP
         (inject / "sitecustomize.py").write_text(SITECUSTOMIZE)
         env.update(PYTHONPATH=str(inject), **{f"FAULT_{k.upper()}": str(v) for k, v in fault.items()})
     return subprocess.run([sys.executable, "-m", "rlhf.cli", "run-all", "--config", str(config),
-                           "--set", "launcher.num_processes=2", "--set", "eval.enabled=false"],
+                           "--set", "launcher.num_processes=2", "--set", "eval.enabled=false", *(extra or [])],
                           capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
 
 
@@ -362,3 +362,48 @@ def test_sigkill_of_one_process_stops_the_others_and_a_rerun_resumes_to_the_unbr
     assert "resuming PPO from" in proc.stderr and "step-2 (step 2 of 4)" in proc.stderr
     adapter = Path("ppo") / "adapter" / "adapter_model.safetensors"
     assert max_diff(unbroken.parent / "runs" / "tiny" / adapter, config.parent / "runs" / "tiny" / adapter) <= 1e-6
+
+
+def test_critic_free_stage_with_two_processes(tiny_rm_run, tmp_path):
+    """`ppo.algorithm: rloo` on 2 gloo processes (the PPO stage alone, SFT and RM copied): what the PPO run
+    above checks (each step logged once, episodes of both processes, identical weights at every
+    checkpoint, per-process RNG, the adapter loads), and a prompt's k samples stay on one process: the
+    main process's samples table holds its own share of each step's prompts, k times each in a row."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import load_config
+    from rlhf.console import LOG_FILE
+    from rlhf.data import ppo_data, render
+    from rlhf.models import load_tokenizer
+    from rlhf.ppo.trainer import step_prompt_indices
+
+    config = _ppo_only(tiny_rm_run, tmp_path)
+    # the RM's scores alone (equal missing-EOS scores would leave RLOO nothing to train, and identical
+    # weights would then prove nothing)
+    overrides = ["ppo.algorithm=rloo", "ppo.missing_eos_score=null"]
+    proc = _run_all_2(config, extra=[a for o in overrides for a in ("--set", o)])
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    cfg = load_config(config, overrides)
+    stage = cfg.stage_dir("ppo")
+    assert json.loads((stage / "manifest.json").read_text())["status"] == "done"
+    rows = [json.loads(line) for line in (stage / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[-1]["episode"] == WORLD * cfg.ppo.rollout_batch_size * cfg.ppo.steps
+    assert not any(k.startswith("value/") for r in rows for k in r)
+    assert rows[-1]["objective/kl"] != 0.0  # the policy trained
+    log = (stage / LOG_FILE).read_text()  # the whole output (the terminal's may join a line to the progress bar)
+    for step in (2, 4):
+        assert f"step {step}: trained weights identical on all 2 processes" in log
+    assert (stage / "checkpoints" / "step-4" / "rng-rank1.pt").is_file()
+
+    tok = load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model"))
+    texts = [render(tok, p) for p in ppo_data(cfg, tok).train["prompt"]]
+    samples = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
+    for step in (2, 4):
+        share = step_prompt_indices(len(texts), cfg.ppo, step - 1, cfg.seed, rank=0, world=WORLD)
+        assert [r["prompt"] for r in samples if r["step"] == step] == [texts[i] for i in share]
+        other = step_prompt_indices(len(texts), cfg.ppo, step - 1, cfg.seed, rank=1, world=WORLD)
+        assert not set(share) & set(other) and len(set(share)) == cfg.ppo.prompts_per_step
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(cfg.stage_dir("sft") / "model")),
+                              str(stage / "adapter"))

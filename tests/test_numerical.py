@@ -71,14 +71,14 @@ def test_ppo_nan_loss_stops_with_exit_3_and_resumes_from_last_good_checkpoint(ti
     """tiny: 4 steps, 2 PPO epochs of one micro-batch, a checkpoint every 2 steps. The policy loss
     turns NaN in step 3: exit 3, ppo marked failed, step-2 intact; the rerun resumes from step-2
     and ends with the uninterrupted run's adapter."""
-    import rlhf.ppo.trainer as T
+    import rlhf.ppo.algorithms as A
     from rlhf.atomic import file_problem
     from rlhf.ppo.checkpoint import latest_resumable
     from rlhf.staleness import stage_hash
 
     config = copy_stages(tiny_ppo_run, tmp_path, ("sft", "rm"))
     cfg = load_config(config)
-    monkeypatch.setattr(T, "policy_loss", nan_after(T.policy_loss, calls_ok=4))
+    monkeypatch.setattr(A, "policy_loss", nan_after(A.policy_loss, calls_ok=4))
     result = cli("ppo", "--config", str(config))
     assert result.exit_code == 3, result.output
     errors = [x for x in result.stderr.splitlines() if x.startswith("error:")]
@@ -136,8 +136,10 @@ def test_ppo_nan_scores_or_kl_stop_the_loop(tiny_ppo_run, tmp_path, monkeypatch,
     if what == "scores":
         kw["reward_fn"] = lambda q, r, m: torch.full((r.shape[0],), float("inf"))
     else:
-        real = T.kl_penalty
-        monkeypatch.setattr(T, "kl_penalty", lambda *a, **k: real(*a, **k) * float("nan"))
+        import rlhf.ppo.algorithms as A
+
+        real = A.kl_penalty
+        monkeypatch.setattr(A, "kl_penalty", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(TrainingDiverged, match=f"^{what} contains NaN or inf$") as info:
         loop(**kw)
     assert info.value.exit_code == 3

@@ -25,16 +25,20 @@ from tests.conftest import write_config
 
 
 def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32,
-               score_mean: float = 0.0):
+               score_mean: float = 0.0, algorithm: str = "ppo", overrides: tuple[str, ...] = ()):
+    """The roles as the stage builds them for `algorithm` (a critic for ppo only); cfg has ppo.algorithm
+    and `overrides` set."""
     from transformers import AutoModelForCausalLM
 
-    cfg = load_config(config_path)
+    from rlhf.ppo.algorithms import needs_critic
+
+    cfg = load_config(config_path, [f"ppo.algorithm={algorithm}", *overrides])
     sft = cfg.stage_dir("sft") / "model"
     tok = load_tokenizer(cfg.model, str(sft))
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype)
     roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy,
-                        score_mean=score_mean)
+                        score_mean=score_mean, critic=needs_critic(algorithm))
     return cfg, tok, roles
 
 
@@ -132,6 +136,24 @@ def test_one_base_and_the_trainable_set(roles_env):
     with use_adapter(roles.model, "reward"):
         pass
     assert {n for n, p in roles.model.named_parameters() if p.requires_grad} == trainable
+
+
+def test_critic_free_roles_have_no_value_adapter_or_head(tiny_rm_run):
+    """critic=False (rloo, grpo, reinforce_pp; rlhf eval): policy, reward and the reference only. No
+    value adapter is added and no head built, the rollout has no value pass, the optimizer has one
+    group and a checkpoint holds the policy LoRA alone."""
+    from rlhf.ppo.trainer import make_optimizer
+
+    cfg, tok, roles = make_roles(tiny_rm_run, algorithm="rloo")
+    assert roles.value_head is None and not roles.has_critic and roles.value_parameters() == []
+    assert "value" not in roles.model.peft_config and not any(".value." in n for n, _ in roles.model.named_parameters())
+    trainable = {n for n, p in roles.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and ".policy." in n for n in trainable)
+    ro = rollout_for(cfg, tok, roles, n=2)
+    assert ro.values is None and ro.select(torch.tensor([1])).values is None
+    optimizer, _ = make_optimizer(roles, cfg.ppo, 1)
+    assert [g["name"] for g in optimizer.param_groups] == ["policy"]
+    assert set(trainable_state(roles)) == {f"model.{n}" for n in trainable}
 
 
 def load_sft(cfg):
@@ -431,6 +453,66 @@ def test_prompt_order_is_a_pure_function_of_step():
     assert prompt_indices(10, 4, 0, seed=4) != a[0]
 
 
+def test_step_prompts_are_whole_groups_on_one_process():
+    """rollout_batch_size counts responses: with k samples per prompt a step has rollout_batch_size / k
+    prompts per process, each k times in a row; the processes' prompts are disjoint consecutive shares
+    of the step's prompt_indices (a group never spans two processes); k = 1 is PPO's plain slice."""
+    from rlhf.config import PPOConfig
+    from rlhf.ppo.trainer import step_prompt_indices
+
+    rloo = PPOConfig(data={"path": "x.jsonl"}, algorithm="rloo", rollout_batch_size=8, micro_batch_size=4)  # k = 4
+    shares = [step_prompt_indices(10, rloo, 3, seed=1, rank=r, world=2) for r in (0, 1)]
+    step = prompt_indices(10, 4, 3, seed=1)
+    assert shares == [[step[0]] * 4 + [step[1]] * 4, [step[2]] * 4 + [step[3]] * 4]
+    ppo = PPOConfig(data={"path": "x.jsonl"}, rollout_batch_size=8, micro_batch_size=4)
+    assert step_prompt_indices(10, ppo, 3, seed=1, rank=1, world=2) == prompt_indices(10, 16, 3, seed=1)[8:]
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "reinforce_pp"])
+def test_critic_free_update_moves_the_policy_towards_the_better_responses(tiny_rm_run, algorithm):
+    """One optimizer step on 2 prompts × 4 samples with a hand-written score, through the loop's own
+    targets and update. At a fresh policy (= reference: KL 0) the loss's gradient is −Σ w·∇log π, with
+    weights worked out from the scores alone: RLOO score − group mean (per response), GRPO the same over
+    the group std and the response length, REINFORCE++ score − the batch's token-weighted mean (per
+    token). Adam's first step moves along −sign(gradient), so the weighted change of the responses'
+    log-probabilities must be positive (and is negative had any sign been flipped)."""
+    from rlhf.ppo.trainer import make_optimizer, ppo_update
+
+    cfg, tok, roles = make_roles(tiny_rm_run, algorithm=algorithm)
+    ppo = cfg.ppo.model_copy(update={"ppo_epochs": 1, "rollout_batch_size": 8, "micro_batch_size": 8,
+                                     "stop_token": None, "response_length": 8})
+    if algorithm == "reinforce_pp":
+        ppo = ppo.model_copy(update={"samples_per_prompt": 4})
+    _, prompts = tokenized_prompts(cfg, tok)
+    q, qm = left_pad([prompts[0]] * 4 + [prompts[1]] * 4, tok.pad_token_id)
+    token_id_sum = lambda q, r, m: (r * m).sum(1).float() / 1000  # noqa: E731 - varies between any two responses
+    torch.manual_seed(0)
+    ro = collect_rollout(roles, q, qm, response_length=8, temperature=0.7, stop_id=None, pad_id=tok.pad_token_id,
+                         micro_batch_size=8, reward_fn=token_id_sum)
+    assert ro.values is None and torch.equal(ro.logprobs, ro.ref_logprobs)
+    scores = final_scores(ro.scores, ro.has_stop, ppo, rm_mean=0.0)
+    targets = compute_targets(ro, scores, ppo, ppo.kl_coef)
+    optimizer, scheduler = make_optimizer(roles, ppo, 1)
+    ppo_update(roles, ro, targets, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        new, _, _ = response_logprobs(roles, ro.input_ids, ro.attention_mask, ro.response_ids, 0.7, "policy")
+    mask = ro.response_mask
+    change = torch.where(mask, new - ro.logprobs, torch.zeros(()))
+    groups = scores.reshape(2, 4)
+    centred = (groups - groups.mean(1, keepdim=True)).reshape(-1)
+    if algorithm == "rloo":
+        weights = centred[:, None] * mask
+    elif algorithm == "grpo":
+        spread = groups.std(1, keepdim=True).expand(2, 4).reshape(-1)
+        weights = (centred / spread / mask.sum(1))[:, None] * mask
+    else:
+        token_mean = (scores[:, None] * mask).sum() / mask.sum()
+        weights = (scores - token_mean)[:, None] * mask
+    moved = (weights * change).sum().item()
+    assert moved > 0, moved
+    assert change.abs().max() > 1e-4  # the step did move the policy
+
+
 # ---------------------------------------------------------------------------- resume and health
 
 
@@ -441,15 +523,23 @@ def _loop(cfg, tok, roles, ckpt: Path, **kw):
                     samples_path=ckpt.parent / f"{ckpt.name}-samples.jsonl", **kw)
 
 
-def test_resume_gives_identical_weights(tiny_rm_run, tmp_path):
-    """0→4 unbroken vs 0→2, stop, new process state, resume 2→4: max abs diff ≤ 1e-6 (exact on CPU)."""
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=5)
+@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "reinforce_pp"])
+def test_resume_gives_identical_weights(tiny_rm_run, tmp_path, algorithm):
+    """0→4 unbroken vs 0→2, stop, new process state, resume 2→4: max abs diff ≤ 1e-6 (exact on CPU),
+    for every algorithm (the critic-free ones: 1 prompt × 4 samples, or 4 × 1, per step, no critic).
+    The critic-free runs score with the RM alone (the tiny model's responses rarely reach EOS, and
+    equal missing-EOS scores would give RLOO and GRPO nothing to learn: weights that never move
+    would resume trivially)."""
+    # RLOO and GRPO at a fresh policy: KL 0, so equal scores would mean zero advantages
+    overrides = () if algorithm == "ppo" else ("ppo.missing_eos_score=null",)
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides)
     _loop(cfg, tok, roles, tmp_path / "a")
     unbroken = trainable_state(roles)
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=5)
+    assert any(v.abs().max() > 0 for k, v in unbroken.items() if "lora_B" in k)  # the policy did train
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides)
     _loop(cfg, tok, roles, tmp_path / "b", stop_after=2)
     torch.manual_seed(999)  # disturb every RNG: resume must restore them
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=77)  # different fresh init: the checkpoint must overwrite it
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=77, algorithm=algorithm, overrides=overrides)  # overwritten
     last = _loop(cfg, tok, roles, tmp_path / "b")
     resumed = trainable_state(roles)
     # Resumed at the last step (a kill during the final export): no step runs, the final metrics
@@ -458,6 +548,9 @@ def test_resume_gives_identical_weights(tiny_rm_run, tmp_path):
     assert max((unbroken[k] - resumed[k]).abs().max().item() for k in unbroken) <= 1e-6
     assert [d.name for d in checkpoint_dirs(tmp_path / "b")] == ["step-2", "step-4"]
     assert (tmp_path / "b" / "step-2" / "optimizer.pt").is_file()  # the newest two keep their optimizer state
+    assert any(k.startswith("value_head.") for k in resumed) == (algorithm == "ppo")
+    assert ("value/explained_variance" in last) == ("loss/value" in last) == (algorithm == "ppo")
+    assert ("loss/kl" in last) == (algorithm == "grpo")
 
 
 def test_nan_scores_abort_and_keep_last_checkpoint(tiny_rm_run, tmp_path):
@@ -493,6 +586,27 @@ def test_health_warnings_fire(roles_env, caplog):
     assert "negative" not in " ".join(health_warnings({"objective/kl": -1.0, "response/eos_fraction": 0.5}, ro, cfg.ppo, noisy))
     clear = torch.tensor([-1.0, -1.01])
     assert "negative" in " ".join(health_warnings({"objective/kl": -1.005, "response/eos_fraction": 0.5}, ro, cfg.ppo, clear))
+
+
+def test_group_methods_warn_when_no_prompt_has_a_learning_signal(roles_env):
+    """rloo/grpo: when every prompt's samples scored alike (typically all cut off, all given
+    missing_eos_score), the leave-one-out or group baseline makes every advantage 0: one line says so.
+    One group that differs is enough to stay quiet, and PPO (a learned baseline) never warns."""
+    from rlhf.ppo.metrics import health_warnings
+
+    cfg, tok, roles = roles_env
+    ro = rollout_for(cfg, tok, roles, n=4)
+    grpo = cfg.ppo.model_copy(update={"algorithm": "grpo", "samples_per_prompt": 2})
+    metrics, kl = {"objective/kl": 0.0, "response/eos_fraction": 0.5}, torch.zeros(4)
+    flat = torch.tensor([-1.0, -1.0, 0.3, 0.3])
+
+    def said(ppo, scores):
+        return [w for w in health_warnings(metrics, ro, ppo, kl, scores_used=scores) if "learning signal" in w]
+
+    assert said(grpo, flat) == ["every prompt's 2 samples got the same score (when none reaches the stop token, all "
+                                "get missing_eos_score): the group baseline leaves no learning signal"]
+    assert said(grpo, torch.tensor([-1.0, -1.0, 0.3, 0.4])) == []
+    assert said(cfg.ppo, flat) == []
 
 
 def test_sft_eos_warning_names_the_rate_the_length_and_the_scaled_rule():
@@ -652,3 +766,59 @@ def test_policy_response_scored_as_the_rm_stage_scores_it(roles_env):
         ours = sequence_scores(roles, ids, mask)
         theirs = rm(input_ids=torch.tensor([expected_ids])).logits.squeeze(-1)
     assert torch.allclose(ours, theirs, atol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "reinforce_pp"])
+def test_run_all_with_another_algorithm_reruns_only_ppo_and_eval(tiny_eval_run, tmp_path, algorithm):
+    """`run-all --set ppo.algorithm=X` on a finished tiny run: SFT and RM are up to date (the algorithm is
+    in the PPO stage's hash only), PPO and eval rerun. The critic-free run logs PPO's metric names less
+    the critic's, checkpoints the policy adapter alone, writes its samples table in whole groups, and
+    `rlhf eval` reads its checkpoints for the over-optimisation curve; `rlhf status` shows it done."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from rlhf.status import stage_rows
+    from tests.test_numerical import cli
+
+    config = write_config(tmp_path, {"eval": {"max_prompts": 2, "samples_per_prompt": 1, "overopt_prompts": 2,
+                                              "batch_size": 4}})
+    # the RM's scores alone: the tiny model rarely reaches EOS, and equal missing-EOS scores give the
+    # group methods nothing to learn
+    overrides = [f"ppo.algorithm={algorithm}", "ppo.missing_eos_score=null"]
+    cfg = load_config(config, overrides)
+    shutil.copytree(load_config(tiny_eval_run).run_dir, cfg.run_dir)
+    upstream = {s: (cfg.stage_dir(s) / "manifest.json").read_text() for s in ("sft", "rm")}
+    result = cli("run-all", "--config", str(config), *[a for o in overrides for a in ("--set", o)])
+    assert result.exit_code == 0, result.output
+    said = result.stdout.splitlines()
+    for stage in ("sft", "rm"):
+        assert any(line.startswith(f"{stage}: up to date, skipped") for line in said), said
+        assert (cfg.stage_dir(stage) / "manifest.json").read_text() == upstream[stage]
+    assert any(line.startswith("ppo: running") for line in said) and any(line.startswith("eval: running") for line in said)
+
+    stage = cfg.stage_dir("ppo")
+    rows = read_metrics(stage / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert {"objective/scores", "objective/kl", "objective/rlhf_reward", "policy/approxkl", "loss/policy",
+            "response/length_mean"} <= set(rows[-1])
+    assert not any(k.startswith("value/") or k == "loss/value" for r in rows for k in r)
+    assert rows[-1]["objective/kl"] != 0.0  # the policy moved away from the reference
+    assert rows[-1]["episode"] == cfg.ppo.steps * cfg.ppo.rollout_batch_size  # responses, as for PPO
+    for step in (2, 4):
+        saved = load_file(str(stage / "checkpoints" / f"step-{step}" / "trainable.safetensors"))
+        assert saved and all(k.startswith("model.") and ".policy." in k for k in saved)
+    k = cfg.ppo.samples_per_prompt
+    samples = [json.loads(line) for line in (stage / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 2 * cfg.ppo.rollout_batch_size  # steps 2 and 4
+    prompts = [r["prompt"] for r in samples]
+    assert all(len(set(prompts[i:i + k])) == 1 for i in range(0, len(prompts), k))
+
+    name = {"rloo": "RLOO", "grpo": "GRPO", "reinforce_pp": "REINFORCE++"}[algorithm]
+    assert f"# tiny: {name} policy (RLHF against the reward model)\n" in (stage / "model" / "README.md").read_text()
+    report = json.loads((cfg.stage_dir("eval") / "eval.json").read_text())
+    assert [p["step"] for p in report["overoptimisation"]] == [0, 2, 4]
+    assert report["policy"]["n_prompts"] == 2
+    row = {r.stage: r for r in stage_rows(cfg)}["ppo"]
+    assert row.state == "done" and {"score", "KL"} <= set(row.metrics), row
+    assert {r.stage: r for r in stage_rows(load_config(config))}["ppo"].state == "stale"  # back to ppo: rerun

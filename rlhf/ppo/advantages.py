@@ -342,17 +342,19 @@ def normalize_scores(
 
 @dataclass
 class Targets:
-    """What one rollout's PPO update trains towards, each ``(B, T)`` float32 (0 where masked):
-    the per-token rewards and their KL part, the value targets and the policy-gradient weights.
+    """What one rollout's update trains towards, each ``(B, T)`` float32 (0 where masked) unless
+    noted: the per-token rewards and their KL part, the value targets and the policy-gradient weights.
 
-    Built by ``rlhf.ppo.trainer.compute_targets`` from :func:`kl_penalty`,
-    :func:`per_token_rewards`, :func:`gae` and :func:`whiten_advantages`.
+    Built by ``rlhf.ppo.algorithms.compute_targets``: for PPO from :func:`kl_penalty`,
+    :func:`per_token_rewards`, :func:`gae` and :func:`whiten_advantages`; for the critic-free
+    algorithms from ``rlhf.ppo.critic_free``.
     """
 
     advantages: torch.Tensor
-    """Whitened GAE advantages (the policy loss's weights)."""
-    returns: torch.Tensor
-    """λ-returns from the unwhitened advantages (the value loss's targets)."""
+    """The token-level policy loss's weights: whitened GAE advantages (PPO), whitened returns
+    (REINFORCE++), or each response's advantage on every one of its tokens (RLOO, GRPO)."""
+    returns: torch.Tensor | None
+    """λ-returns from the unwhitened advantages (the value loss's targets); None without a critic."""
     rewards: torch.Tensor
     """Per-token reward: KL penalty on every token + the score at the last one."""
     kl: torch.Tensor
@@ -361,6 +363,8 @@ class Targets:
     """The KL-penalty part of ``rewards`` (``-kl_coef * kl``)."""
     scores: torch.Tensor
     """``(B,)`` the scores used in the reward: centred, EOS-penalised, optionally whitened."""
+    response_advantages: torch.Tensor | None = None
+    """``(B,)`` one advantage per response (RLOO, GRPO: their losses take these); None otherwise."""
 
 
 def gae(

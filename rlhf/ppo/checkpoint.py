@@ -1,8 +1,9 @@
 """PPO checkpoints: writing, finding and restoring checkpoints/step-N, and the RNG states in them.
 
 A checkpoint (every `save_every` steps, written atomically) holds the policy and value adapters
-and the value head (trainable.safetensors), the optimizer (two parameter groups: policy and value,
-each with its own learning rate), the scheduler and every RNG state (optimizer.pt), and the KL
+and the value head (trainable.safetensors; the policy adapter alone for the critic-free
+algorithms), the optimizer (parameter groups policy and, with a critic, value, each with its own
+learning rate), the scheduler and every RNG state (optimizer.pt), and the KL
 controller, the step and the config hash (state.json). The step fixes the data position (the
 prompt order is a pure function of seed and step, trainer.prompt_indices), so resuming from step
 N and running to M gives the same weights as an unbroken 0 → M run. In a multi-process run each
@@ -35,15 +36,17 @@ RESUMABLE_CHECKPOINTS = 2  # the newest checkpoints that keep their optimizer st
 
 
 def trainable_state(roles: Roles) -> dict[str, torch.Tensor]:
-    """Every trained tensor: policy and value LoRA weights and the value head."""
+    """Every trained tensor: policy and value LoRA weights and the value head (policy LoRA weights
+    alone without a critic)."""
     state = {f"model.{n}": p.detach().cpu().clone() for n, p in roles.model.named_parameters() if p.requires_grad}
-    state.update({f"value_head.{n}": p.detach().cpu().clone() for n, p in roles.value_head.named_parameters()})
+    if roles.value_head is not None:
+        state.update({f"value_head.{n}": p.detach().cpu().clone() for n, p in roles.value_head.named_parameters()})
     return state
 
 
 def load_trainable_state(roles: Roles, state: dict[str, torch.Tensor]) -> None:
     params = dict(roles.model.named_parameters())
-    head = dict(roles.value_head.named_parameters())
+    head = dict(roles.value_head.named_parameters()) if roles.value_head is not None else {}
     with torch.no_grad():
         for key, value in state.items():
             kind, name = key.split(".", 1)

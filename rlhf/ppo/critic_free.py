@@ -32,11 +32,11 @@ Sources:
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Sequence, TypeVar
+from typing import NamedTuple, Sequence, TypeVar
 
 import torch
 
-from rlhf.ppo.advantages import WHITEN_EPS, _bool_mask, per_token_rewards
+from rlhf.ppo.advantages import SumAcross, _bool_mask, masked_whiten, one_process_sum, per_token_rewards
 
 __all__ = [
     "repeat_per_prompt",
@@ -54,15 +54,10 @@ __all__ = [
 ]
 
 T_ = TypeVar("T_")
-SumAcross = Callable[[torch.Tensor], torch.Tensor]
 
 # Added to the group std before dividing (TRL 1.16 GRPOTrainer: `std_rewards + 1e-4`): a group
 # whose k scores are all equal has std 0 and gets advantages 0 / 1e-4 = 0, not NaN.
 GRPO_STD_EPS = 1e-4
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def repeat_per_prompt(items: Sequence[T_], k: int) -> list[T_]:
@@ -219,18 +214,6 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return torch.where(m, out, zero)
 
 
-def _global_masked_moments(x: torch.Tensor, m: torch.Tensor, sum_across: SumAcross) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and unbiased variance of ``x`` over the valid positions of every process's batch
-    (two passes: the global mean first, then squared deviations from it). 0-dim tensors; the
-    variance is 0 with fewer than two valid values in all."""
-    zero = torch.zeros((), dtype=x.dtype, device=x.device)
-    n, total = sum_across(torch.stack([m.sum().to(x.dtype), torch.where(m, x, zero).sum()]))
-    mean = total / n.clamp(min=1)
-    squares = sum_across(torch.where(m, (x - mean) ** 2, zero).sum())
-    var = torch.where(n > 1, squares / (n - 1).clamp(min=1), zero)
-    return mean, var
-
-
 class ReinforcePPAdvantages(NamedTuple):
     """Output of :func:`reinforce_pp_advantages`; every field ``(B, T)``, 0 on masked positions."""
 
@@ -252,7 +235,7 @@ def reinforce_pp_advantages(
     gamma: float = 1.0,
     k: int = 1,
     group_baseline: bool = False,
-    sum_across: SumAcross = _identity,
+    sum_across: SumAcross = one_process_sum,
 ) -> ReinforcePPAdvantages:
     """REINFORCE++ advantages (Hu 2025, arXiv 2501.03262), as OpenRLHF computes them.
 
@@ -261,7 +244,8 @@ def reinforce_pp_advantages(
        dense reward as PPO: ``rlhf.ppo.advantages.per_token_rewards``);
     3. return-to-go with γ (:func:`discounted_returns`);
     4. whiten the returns over the valid tokens of the *whole* batch: mean 0, unbiased
-       variance 1 (OpenRLHF divides by ``n``, not ``n − 1``; the difference is ``1/n``).
+       variance 1 (OpenRLHF divides by ``n``, not ``n − 1``; the difference is ``1/n``), with
+       the same :func:`~rlhf.ppo.advantages.masked_whiten` as PPO's advantages.
 
     Args:
         scores: ``(B,)`` final scores; groups contiguous when ``k > 1``.
@@ -288,10 +272,7 @@ def reinforce_pp_advantages(
         scores = group_mean_baseline(scores, k)
     rewards, non_score = per_token_rewards(scores, kl, mask, kl_coef)
     returns = discounted_returns(rewards, mask, gamma)
-    m = _bool_mask(mask)
-    mean, var = _global_masked_moments(returns, m, sum_across)
-    zero = torch.zeros((), dtype=returns.dtype, device=returns.device)
-    advantages = torch.where(m, (returns - mean) * torch.rsqrt(var + WHITEN_EPS), zero)
+    advantages = masked_whiten(returns, mask, shift_mean=True, sum_across=sum_across)
     return ReinforcePPAdvantages(advantages, returns, rewards, non_score)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.config import PPOConfig
+from rlhf.config import GROUP_ALGORITHMS, PPOConfig
 from rlhf.errors import TrainingDiverged
 from rlhf.ppo.advantages import Targets, masked_mean
 from rlhf.ppo.distributed import ONE_PROCESS, Agreement
@@ -21,13 +21,15 @@ SFT_EOS_RATE_WARN = 0.5  # below this share of SFT responses reaching the stop t
 
 def step_metrics(rollout: Rollout, targets: Targets, update: dict[str, float], kl_coef: float, lr: float, episode: int,
                  rollout_s: float, update_s: float) -> dict[str, float]:
-    """The PPO.md metric set for one step (names stable for W&B)."""
+    """The PPO.md metric set for one step (names stable for W&B), the same names for every algorithm
+    where the quantity is the same. Only with a critic (PPO): loss/value, value/clipfrac,
+    value/explained_variance. Only for GRPO: loss/kl, the mean k3 KL per token of its loss term."""
     mask = rollout.response_mask
     lengths = mask.sum(1).float()
     kl_per_response = (targets.kl * mask).sum(1)
     non_score = targets.non_score_rewards.sum(1)
     generated = float(lengths.sum())
-    return {
+    metrics = {
         "objective/scores": rollout.scores.mean().item(),
         "objective/scores_used": targets.scores.mean().item(),
         "objective/kl": kl_per_response.mean().item(),
@@ -39,9 +41,16 @@ def step_metrics(rollout: Rollout, targets: Targets, update: dict[str, float], k
         "policy/clipfrac": update["clipfrac"],
         "policy/ratio_mean": update["ratio"],
         "loss/policy": update["pg_loss"],
-        "loss/value": update["vf_loss"],
-        "value/clipfrac": update["vf_clipfrac"],
-        "value/explained_variance": float(explained_variance(rollout.values, targets.returns, mask)),
+    }
+    if "kl_loss" in update:
+        metrics["loss/kl"] = update["kl_loss"]
+    if targets.returns is not None and rollout.values is not None:
+        metrics.update({
+            "loss/value": update["vf_loss"],
+            "value/clipfrac": update["vf_clipfrac"],
+            "value/explained_variance": float(explained_variance(rollout.values, targets.returns, mask)),
+        })
+    return metrics | {
         "response/length_mean": lengths.mean().item(),
         "response/eos_fraction": rollout.has_stop.float().mean().item(),
         "lr": lr,
@@ -76,14 +85,17 @@ def sft_eos_warning(eos_rate: float, ppo: PPOConfig, rm_std: float = 1.0) -> str
 
 
 def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig, kl_per_response: torch.Tensor,
-                    first_step: bool = False, rm_std: float = 1.0) -> list[str]:
+                    first_step: bool = False, rm_std: float = 1.0,
+                    scores_used: torch.Tensor | None = None) -> list[str]:
     """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately.
 
     kl_per_response: (B,) summed KL of each response. "Negative beyond noise" means the batch mean
     is below -3 standard errors (k1 is unbiased but noisy per sample; a clearly negative mean
     points at mismatched log-probs, e.g. dropout or different temperatures). `first_step`: the
     rollout is a fresh run's first, the SFT policy's own (sft_eos_warning replaces the plain
-    no-stop-token warning there)."""
+    no-stop-token warning there). `scores_used`: (B,) the scores entering the reward (groups of
+    samples_per_prompt contiguous); for rloo and grpo, a step where every prompt's samples scored
+    alike has no learning signal (their baselines cancel it), which is worth a line."""
     warnings = []
     B = kl_per_response.numel()
     noise = 3 * kl_per_response.std().item() / B**0.5 if B > 1 else 0.0
@@ -96,6 +108,11 @@ def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig,
         warnings.append(sft_eos)
     elif ppo.stop_token is not None and metrics["response/eos_fraction"] == 0.0:
         warnings.append("no response ended with the stop token; raise response_length or check stop_token")
+    if ppo.algorithm in GROUP_ALGORITHMS and scores_used is not None:
+        groups = scores_used.reshape(-1, ppo.samples_per_prompt)
+        if bool((groups == groups[:, :1]).all()):
+            warnings.append(f"every prompt's {ppo.samples_per_prompt} samples got the same score (when none reaches the "
+                            "stop token, all get missing_eos_score): the group baseline leaves no learning signal")
     responses = {tuple(r[m].tolist()) for r, m in zip(rollout.response_ids, rollout.response_mask)}
     if len(responses) == 1 and rollout.response_ids.shape[0] > 1:
         warnings.append("every response in the batch is identical: the policy may have collapsed")

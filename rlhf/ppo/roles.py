@@ -9,7 +9,8 @@
   on them instead of offset by the mean (which GAE would turn into a length-dependent bias of
   every advantage until the critic caught up);
 and the reference policy is the base with every adapter disabled, which is exactly the SFT
-model because SFT was merged into the base.
+model because SFT was merged into the base. The critic-free algorithms (RLOO, GRPO, REINFORCE++)
+and `rlhf eval` build no critic at all (`critic=False`): no value adapter, no value head.
 
 Adapters are switched with `use_adapter`, which sets peft's per-layer active adapter directly.
 peft's own `set_adapter`/`disable_adapter` also flip `requires_grad` on adapter weights (only
@@ -42,12 +43,17 @@ from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there;
 
 @dataclass
 class Roles:
-    """One peft model with adapters policy/reward/value, and the reward and value heads."""
+    """One peft model with adapters policy/reward/value, and the reward and value heads (no value
+    adapter or head without a critic)."""
 
     model: nn.Module  # peft PeftModel around the causal LM
     reward_head: nn.Linear
-    value_head: nn.Linear
+    value_head: nn.Linear | None  # None: no critic (the critic-free algorithms, evaluation)
     value_on_policy: bool = False  # the cheaper variant: value head on the policy adapter's hidden states
+
+    @property
+    def has_critic(self) -> bool:
+        return self.value_head is not None
 
     @property
     def backbone(self) -> nn.Module:
@@ -59,6 +65,8 @@ class Roles:
         return [p for n, p in self.model.named_parameters() if ".policy." in n and p.requires_grad]
 
     def value_parameters(self) -> list[nn.Parameter]:
+        if self.value_head is None:
+            return []
         adapter = [] if self.value_on_policy else [p for n, p in self.model.named_parameters() if ".value." in n and p.requires_grad]
         return adapter + list(self.value_head.parameters())
 
@@ -198,14 +206,17 @@ def centred_value_head(reward_adapter_dir: Path, hidden_size: int, score_mean: f
 
 
 def build_roles(
-    base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False, score_mean: float = 0.0
+    base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False, score_mean: float = 0.0,
+    critic: bool = True,
 ) -> Roles:
-    """Wrap a loaded causal LM (`sft/model`) into the four PPO roles.
+    """Wrap a loaded causal LM (`sft/model`) into the PPO roles.
 
     base: AutoModelForCausalLM, frozen here. policy_lora: a peft LoraConfig for the policy (its
     dropout is forced to 0). reward_adapter_dir: the RM stage's `rm/adapter` (LoRA weights +
     score_head.safetensors). score_mean: the RM's training mean, which PPO subtracts from scores;
-    the value head starts lowered by it (centred_value_head)."""
+    the value head starts lowered by it (centred_value_head). critic=False: no value adapter and no
+    value head (policy, reference and reward only), for the critic-free algorithms and evaluation;
+    value_on_policy is then moot."""
     from peft import get_peft_model
 
     base.requires_grad_(False)
@@ -216,17 +227,21 @@ def build_roles(
     _load_lora_weights(model, reward_adapter_dir, "reward")
     hidden = base.config.get_text_config().hidden_size
     reward_head = load_score_head(reward_adapter_dir, hidden, torch.float32).requires_grad_(False)
-    value_head = centred_value_head(reward_adapter_dir, hidden, score_mean).requires_grad_(True)
-    if not value_on_policy:
-        model.add_adapter("value", reward_cfg)
-        _load_lora_weights(model, reward_adapter_dir, "value")
+    value_head = None
+    if critic:
+        value_head = centred_value_head(reward_adapter_dir, hidden, score_mean).requires_grad_(True)
+        if not value_on_policy:
+            model.add_adapter("value", reward_cfg)
+            _load_lora_weights(model, reward_adapter_dir, "value")
     # Trainable set, fixed from here on: policy LoRA, value LoRA, value head. Nothing else.
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name and (".policy." in name or ".value." in name))
     _contiguous_lm_head_input(base)
     device = next(base.parameters()).device
     model.eval()  # dropout off in every role, for the whole run (PPO.md item 3)
-    return Roles(model, reward_head.to(device).eval(), value_head.to(device).eval(), value_on_policy)
+    if value_head is not None:
+        value_head = value_head.to(device).eval()
+    return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic)
 
 
 def _contiguous_lm_head_input(lm: nn.Module) -> None:

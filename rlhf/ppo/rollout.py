@@ -2,7 +2,7 @@
 
 Sampling, the cut at the stop token and the reward score come from rlhf.sampling.sample_and_score,
 the path `rlhf eval` uses too; this module adds what only PPO needs: the policy's and the
-reference's log-probs, the entropy and the critic's values of the sampled tokens.
+reference's log-probs, the entropy and (with a critic) the values of the sampled tokens.
 
 Shapes: B prompts per batch, P = longest prompt in the batch (prompts left-padded), R = longest
 response in the batch, at most `response_length` (responses right-padded to exactly R, so every
@@ -28,12 +28,16 @@ class Rollout(ScoredResponses):
 
     logprobs: torch.Tensor  # (B, R) policy log π(a_t | s_t) at temperature T; 0 where masked
     ref_logprobs: torch.Tensor  # (B, R) reference (adapters off) log-probs at temperature T; 0 where masked
-    values: torch.Tensor  # (B, R) value estimate V(s_t) before each response token; 0 where masked
+    # (B, R) value estimate V(s_t) before each response token; 0 where masked. None without a critic.
+    values: torch.Tensor | None
     entropy: torch.Tensor  # (B, R) policy entropy at temperature T; 0 where masked
 
     def select(self, index: torch.Tensor) -> Rollout:
         """The rows `index` of every tensor (a mini- or micro-batch)."""
-        return Rollout(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+        def rows(value):
+            return None if value is None else value[index]
+
+        return Rollout(**{f.name: rows(getattr(self, f.name)) for f in fields(self)})
 
 
 def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -73,7 +77,8 @@ def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Ten
     passes run in micro-batches of `micro_batch_size`, the size the update uses.
     `reward_fn`, if given, replaces the reward model: a rule-based or external scorer.
     `score_suffix`: tokens the chat template puts after the end-of-turn token; the reward model
-    reads responses that stopped with this suffix appended, as it saw them in training."""
+    reads responses that stopped with this suffix appended, as it saw them in training. Without a
+    critic (roles.has_critic false) there is no value pass and `values` is None."""
     sampled = sample_and_score(roles, query_ids, query_mask, response_length=response_length, temperature=temperature,
                                stop_id=stop_id, pad_id=pad_id, micro_batch_size=micro_batch_size,
                                score_suffix=score_suffix or (), reward_fn=reward_fn)
@@ -87,11 +92,12 @@ def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Ten
         logprobs, logits, values = response_logprobs(roles, ids, mask, resp, temperature, "policy",
                                                      need_values=roles.value_on_policy)
         ref_logprobs, _, _ = response_logprobs(roles, ids, mask, resp, temperature, None)
-        if values is None:
+        if values is None and roles.has_critic:
             values = token_values(roles, ids, mask, width)
         parts["logprobs"].append(logprobs.masked_fill(~rmask, 0.0))
         parts["ref_logprobs"].append(ref_logprobs.masked_fill(~rmask, 0.0))
-        parts["values"].append(values.masked_fill(~rmask, 0.0))
+        if values is not None:
+            parts["values"].append(values.masked_fill(~rmask, 0.0))
         parts["entropy"].append(entropy_from_logits(logits, temperature).masked_fill(~rmask, 0.0))
-    cat = {k: torch.cat(v) for k, v in parts.items()}
+    cat = {k: torch.cat(v) if v else None for k, v in parts.items()}
     return Rollout(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, **cat)

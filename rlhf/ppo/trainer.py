@@ -1,12 +1,13 @@
-"""The PPO loop: rollout → targets (rewards, KL, returns, advantages) → `ppo_epochs` ×
-mini-batches × micro-batches of clipped policy and value updates.
+"""The stage-3 loop: rollout → targets (rewards, KL, advantages; returns for PPO) → `ppo_epochs` ×
+mini-batches × micro-batches of clipped policy updates, plus the value updates of PPO's critic.
 
-This module owns the order of a step and the update itself: the scores entering the reward
-(final_scores), the targets computed from them (compute_targets, with the pure math of
-advantages.py), the optimizer and the gradient steps (ppo_update), and the prompts of each step
-(prompt_indices). Around it: checkpoint.py writes and restores the state of a run (resuming from
-step N and running to M gives the same weights as an unbroken 0 → M run), distributed.py holds
-what several processes share, metrics.py what a step reports and checks.
+One loop for every `ppo.algorithm` (ALGORITHMS): what differs between PPO, RLOO, GRPO and
+REINFORCE++ (the targets and the policy loss) is algorithms.py. This module owns the order of a
+step and the update itself: the scores entering the reward (final_scores), the optimizer and the
+gradient steps (ppo_update), and the prompts of each step (prompt_indices, step_prompt_indices).
+Around it: checkpoint.py writes and restores the state of a run (resuming from step N and running
+to M gives the same weights as an unbroken 0 → M run), distributed.py holds what several processes
+share, metrics.py what a step reports and checks.
 """
 
 from __future__ import annotations
@@ -24,19 +25,10 @@ import torch
 
 from rlhf.config import PPOConfig
 from rlhf.errors import TrainingDiverged
-from rlhf.ppo.advantages import (
-    SumAcross,
-    Targets,
-    gae,
-    kl_penalty,
-    make_kl_controller,
-    masked_whiten,
-    normalize_scores,
-    one_process_sum,
-    per_token_rewards,
-    whiten_advantages,
-)
+from rlhf.ppo.advantages import SumAcross, Targets, make_kl_controller, masked_whiten, normalize_scores, one_process_sum
+from rlhf.ppo.algorithms import ALGORITHMS, compute_targets, needs_critic, policy_objective
 from rlhf.ppo.checkpoint import latest_resumable, load_checkpoint, restore_rank_rng, save_all_processes
+from rlhf.ppo.critic_free import repeat_per_prompt
 from rlhf.ppo.distributed import (
     ONE_PROCESS,
     Agreement,
@@ -46,11 +38,14 @@ from rlhf.ppo.distributed import (
     seed_everything,
     sum_across_processes,
 )
-from rlhf.ppo.losses import policy_loss, value_loss
+from rlhf.ppo.losses import value_loss
 from rlhf.ppo.metrics import check_finite, health_warnings, step_metrics, write_samples
 from rlhf.ppo.roles import Roles
 from rlhf.ppo.rollout import Rollout, collect_rollout, response_logprobs, token_values
 from rlhf.sampling import left_pad, stop_token_id
+
+__all__ = ["ALGORITHMS", "compute_targets", "final_scores", "ppo_update", "make_optimizer", "prompt_indices",
+           "step_prompt_indices", "run_loop"]
 
 log = logging.getLogger(__name__)
 
@@ -81,33 +76,24 @@ def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_m
     return scores
 
 
-def compute_targets(rollout: Rollout, scores: torch.Tensor, ppo: PPOConfig, kl_coef: float,
-                    sum_across: SumAcross = one_process_sum) -> Targets:
-    """The rollout's per-token KL, rewards, returns and whitened advantages. `sum_across`: whiten
-    the advantages over every process's batch (distributed.sum_across_processes); the default
-    whitens over this batch alone."""
-    mask = rollout.response_mask
-    kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, ppo.kl_estimator, mask=mask)
-    rewards, non_score = per_token_rewards(scores, kl, mask, kl_coef)
-    advantages, returns = gae(rewards, rollout.values, mask, gamma=ppo.gamma, lam=ppo.lam)
-    advantages = whiten_advantages(advantages, mask, sum_across)
-    return Targets(advantages, returns, rewards, kl, non_score, scores)
-
-
 # ---------------------------------------------------------------------------- update
 
 
 def ppo_update(roles: Roles, rollout: Rollout, targets: Targets, optimizer, scheduler, ppo: PPOConfig,
-               generator: torch.Generator, agreement: Agreement = ONE_PROCESS) -> dict[str, float]:
+               generator: torch.Generator, agreement: Agreement = ONE_PROCESS,
+               kl_coef: float | None = None) -> dict[str, float]:
     """`ppo_epochs` passes over the rollout, reshuffled each epoch (PPO.md item 13); one optimizer
     step per mini-batch, micro-batches accumulate gradients. Returns mean statistics. `agreement`:
-    every process checks each loss with the others before its backward (which averages gradients)."""
+    every process checks each loss with the others before its backward (which averages gradients).
+    The policy loss is the algorithm's (algorithms.policy_objective); the value loss only with a
+    critic. kl_coef: the current β, for GRPO's KL loss term (default ppo.kl_coef)."""
+    kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     B = rollout.response_ids.shape[0]
     mini = B // ppo.num_mini_batches
     micro = min(ppo.micro_batch_size, mini)
     n_micro = mini // micro
     R = rollout.response_ids.shape[1]
-    stats: dict[str, list[float]] = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "clipfrac", "vf_clipfrac", "ratio")}
+    stats: dict[str, list[float]] = {}
     policy_params, value_params = roles.policy_parameters(), roles.value_parameters()
     for _epoch in range(ppo.ppo_epochs):
         order = torch.randperm(B, generator=generator)
@@ -117,34 +103,42 @@ def ppo_update(roles: Roles, rollout: Rollout, targets: Targets, optimizer, sche
                 idx = mini_idx[k * micro:(k + 1) * micro].to(rollout.response_ids.device)
                 mb = rollout.select(idx)
                 mask = mb.response_mask
-                adv_mb, ret_mb = targets.advantages[idx], targets.returns[idx]
-                if roles.value_on_policy:
+                vf = vf_stats = None
+                if not roles.has_critic:
+                    new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
+                                                           ppo.temperature, "policy")
+                    pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
+                    _backward(pg / n_micro, pg, None, agreement)
+                elif roles.value_on_policy:
                     # One forward gives logits and values; the value's gradient stops at the policy's
                     # features, so this joint backward trains the policy with the policy loss alone.
                     new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask,
                                                                     mb.response_ids, ppo.temperature, "policy", True)
-                    pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
-                    vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
+                    pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
+                    vf, vf_stats = value_loss(new_values, mb.values, targets.returns[idx], mask, ppo.value_clip)
                     _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf, agreement)
                 else:
                     # Separate adapters, separate graphs: backward each before building the next, so
                     # only one model's activations are alive at a time (the gradients are the same).
                     new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
                                                            ppo.temperature, "policy")
-                    pg, pg_stats = policy_loss(new_logprobs, mb.logprobs, adv_mb, mask, ppo.clip_eps)
+                    pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
                     _backward(pg / n_micro, pg, None, agreement)
                     del new_logprobs
                     new_values = token_values(roles, mb.input_ids, mb.attention_mask, R)
-                    vf, vf_stats = value_loss(new_values, mb.values, ret_mb, mask, ppo.value_clip)
+                    vf, vf_stats = value_loss(new_values, mb.values, targets.returns[idx], mask, ppo.value_clip)
                     _backward(ppo.vf_coef * vf / n_micro, pg, vf, agreement)
-                stats["pg_loss"].append(pg.item())
-                stats["vf_loss"].append(vf.item())
-                stats["approxkl"].append(pg_stats["approxkl"].item())
-                stats["clipfrac"].append(pg_stats["clipfrac"].item())
-                stats["ratio"].append(pg_stats["ratio_mean"].item())
-                stats["vf_clipfrac"].append(vf_stats["clipfrac"].item())
+                step_stats = {"pg_loss": pg_stats.get("pg_loss", pg), "approxkl": pg_stats["approxkl"],
+                              "clipfrac": pg_stats["clipfrac"], "ratio": pg_stats["ratio_mean"]}
+                if "kl" in pg_stats:  # GRPO's KL loss term
+                    step_stats["kl_loss"] = pg_stats["kl"]
+                if vf is not None:
+                    step_stats.update(vf_loss=vf, vf_clipfrac=vf_stats["clipfrac"])
+                for name, value in step_stats.items():
+                    stats.setdefault(name, []).append(value.item())
             torch.nn.utils.clip_grad_norm_(policy_params, ppo.max_grad_norm)
-            torch.nn.utils.clip_grad_norm_(value_params, ppo.max_grad_norm)
+            if value_params:
+                torch.nn.utils.clip_grad_norm_(value_params, ppo.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -185,9 +179,12 @@ def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None, agr
 
 
 def make_optimizer(roles: Roles, ppo: PPOConfig, total_updates: int):
-    """AdamW (eps 1e-5, PPO.md item 14) with a policy group and a value group; linear decay to 0."""
-    groups = [{"params": roles.policy_parameters(), "lr": ppo.learning_rate, "name": "policy"},
-              {"params": roles.value_parameters(), "lr": ppo.value_learning_rate or ppo.learning_rate, "name": "value"}]
+    """AdamW (eps 1e-5, PPO.md item 14) with a policy group and, with a critic, a value group; linear
+    decay to 0."""
+    groups = [{"params": roles.policy_parameters(), "lr": ppo.learning_rate, "name": "policy"}]
+    if roles.has_critic:
+        groups.append({"params": roles.value_parameters(), "lr": ppo.value_learning_rate or ppo.learning_rate,
+                       "name": "value"})
     optimizer = torch.optim.AdamW(groups, eps=ppo.adam_eps, weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / max(1, total_updates)))
     return optimizer, scheduler
@@ -210,11 +207,25 @@ def prompt_indices(n_prompts: int, batch_size: int, step: int, seed: int) -> lis
     return out
 
 
+def step_prompt_indices(n_prompts: int, ppo: PPOConfig, step: int, seed: int, rank: int = 0,
+                        world: int = 1) -> list[int]:
+    """This process's prompts at step `step`, each samples_per_prompt (k) times in a row: rollout_batch_size
+    indices, prompt-major (prompt p's samples are rows p·k … p·k + k − 1, critic_free's group layout).
+
+    The step's prompts (prompt_indices, prompts_per_step × world of them) are split into consecutive
+    shares, one per process, before the repetition: a prompt's k samples are on one process, so the
+    group statistics of RLOO and GRPO need no communication. With k = 1 (PPO) this is the plain slice."""
+    n = ppo.prompts_per_step
+    idx = prompt_indices(n_prompts, n * world, step, seed)[rank * n:(rank + 1) * n]
+    return repeat_per_prompt(idx, ppo.samples_per_prompt)
+
+
 def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: list[str], ppo: PPOConfig, *, seed: int,
              rm_mean: float, ckpt_root: Path, config_hash: str, metrics_writer, samples_path: Path,
              tracker=None, resume: bool = True, stop_after: int | None = None,
              reward_fn=None, score_suffix: list[int] | None = None, rm_std: float = 1.0) -> dict[str, float]:
-    """Run PPO steps from the latest checkpoint (or 0) to `ppo.steps` (or `stop_after`, for tests).
+    """Run steps of `ppo.algorithm` from the latest checkpoint (or 0) to `ppo.steps` (or `stop_after`,
+    for tests). `roles` has a critic exactly when the algorithm trains one (algorithms.needs_critic).
 
     Under `accelerate launch` every process runs this loop on its own share of the prompts (see
     distributed.py); only the main process writes metrics, samples and checkpoints, and
@@ -224,6 +235,11 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
+    if ppo.algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {ppo.algorithm!r}; expected one of {', '.join(ALGORITHMS)}")
+    if roles.has_critic != needs_critic(ppo.algorithm):
+        raise ValueError(f"algorithm '{ppo.algorithm}' {'trains' if needs_critic(ppo.algorithm) else 'trains no'} "
+                         f"critic: build the roles with critic={needs_critic(ppo.algorithm)}")
     state = PartialState()
     rank, world = state.process_index, state.num_processes
     process_seed = seed_everything(seed, rank)
@@ -254,9 +270,9 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
     try:
         for step in bar:
             t0 = time.perf_counter()
-            # This process's slice of the step's prompts: rollout_batch_size is per process (PPO.md).
-            idx = prompt_indices(len(prompts), ppo.rollout_batch_size * world, step, seed)
-            idx = idx[rank * ppo.rollout_batch_size:(rank + 1) * ppo.rollout_batch_size]
+            # This process's share of the step's prompts, k samples each: rollout_batch_size responses
+            # per process (PPO.md).
+            idx = step_prompt_indices(len(prompts), ppo, step, seed, rank, world)
             query_ids, query_mask = left_pad([prompts[i] for i in idx], pad_id, device)
             rollout = collect_rollout(roles, query_ids, query_mask, response_length=ppo.response_length,
                                       temperature=ppo.temperature, stop_id=stop_id, pad_id=pad_id,
@@ -268,11 +284,10 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
             targets = compute_targets(rollout, scores, ppo, kl_ctl.value, sum_across)
             check_finite(agreement, kl=targets.kl, advantages=targets.advantages)
             t1 = time.perf_counter()
-            update = ppo_update(roles, rollout, targets, optimizer, scheduler, ppo, generator, agreement)
+            update = ppo_update(roles, rollout, targets, optimizer, scheduler, ppo, generator, agreement, kl_ctl.value)
             t2 = time.perf_counter()
             episode = (step + 1) * ppo.rollout_batch_size * world
-            kl_coef_used = kl_ctl.value
-            metrics = step_metrics(rollout, targets, update, kl_coef_used, scheduler.get_last_lr()[0], episode, t1 - t0, t2 - t1)
+            metrics = step_metrics(rollout, targets, update, kl_ctl.value, scheduler.get_last_lr()[0], episode, t1 - t0, t2 - t1)
             if world > 1:
                 tokens_per_s = metrics["throughput/tokens_per_s"]
                 metrics = average_metrics(metrics, mean_across_processes, device)
@@ -284,7 +299,7 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
                     raise TrainingDiverged(f"{name} is {value} at step {step + 1}")
             if state.is_main_process:
                 for warning in health_warnings(metrics, rollout, ppo, (targets.kl * rollout.response_mask).sum(1),
-                                               first_step=step == 0, rm_std=rm_std):
+                                               first_step=step == 0, rm_std=rm_std, scores_used=targets.scores):
                     log.warning("step %d: %s", step + 1, warning)
             metrics_writer.write(step + 1, metrics)
             if tracker is not None:
