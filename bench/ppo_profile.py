@@ -112,13 +112,14 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--response-length", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--attn", default=None, help="attn_implementation (model.attn_implementation; default: ours)")
     a = ap.parse_args()
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.config import LoraSection, ModelConfig
-    from rlhf.models import lora_config, resolve_model, torch_dtype
+    from rlhf.models import lora_config, model_kwargs, resolve_model, torch_dtype
     from rlhf.ppo.losses import policy_loss, value_loss
     from rlhf.ppo.distributed import seed_everything
     from rlhf.ppo.roles import build_roles
@@ -134,7 +135,8 @@ def main() -> None:
     _, ids = prompts(tok, a.batch)
     seed_everything(0)
     adapter = untrained_reward_adapter(model_dir, Path(tempfile.mkdtemp(prefix="ppo-profile-rm-")), 16, 32)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    kwargs = model_kwargs(ModelConfig(name_or_path=str(model_dir), dtype=a.dtype, attn_implementation=a.attn))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     dims = model_dims(base, 16)
     roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter)
     q, qm = left_pad(ids, tok.pad_token_id)
@@ -198,6 +200,7 @@ def main() -> None:
     peak = peak_matmul(set(dims["shapes"]), B * T, dtype, a.repeats)
     bw = bandwidth(a.repeats)
     print(f"{B} prompts x {P} prompt tokens + {R} response tokens, base {str(dtype).replace('torch.', '')}, "
+          f"attention {base.config._attn_implementation}, "
           f"{torch.get_num_threads()} threads; peak matmul {peak / 1e9:.0f} GFLOP/s, bandwidth {bw / 1e9:.1f} GB/s",
           file=sys.stderr)
     print("| phase | time s | GFLOP | GFLOP/s | % of peak matmul | GB read | % of bandwidth bound |", file=sys.stderr)
@@ -217,7 +220,7 @@ def main() -> None:
         row["s"] = round(row["s"], 3)
         print(f"| {row['phase']} | {row['s']} | {row['gflop']} | {row['gflop_per_s']} | {row['pct_peak_matmul']} | {bw_cell} |",
               file=sys.stderr)
-    print(json.dumps({"dtype": str(dtype), "batch": B, "prompt_tokens": P, "response_length": R,
+    print(json.dumps({"dtype": str(dtype), "attn_implementation": base.config._attn_implementation, "batch": B, "prompt_tokens": P, "response_length": R,
                       "threads": torch.get_num_threads(), "peak_matmul_gflop_per_s": round(peak / 1e9, 1),
                       "bandwidth_gb_per_s": round(bw / 1e9, 2),
                       "rows": [{k: v for k, v in r.items() if k not in ("flops", "bytes")} for r in rows]}))

@@ -11,10 +11,12 @@ both sides (the baseline's recipe). Timed: the training loop only (the baseline 
 `trainer.train()`; ours times `run_loop`), so model loading is outside both. Prints both JSON
 lines and ends with one line of ratios, ours divided by the baseline's.
 
-Precision: the baseline runs in float32 (its script's defaults; TRL trains a full float32 value
-model). Our frozen shared base follows `model.dtype` (`--dtype`, default auto: bfloat16 on
-hardware with native bf16 matmuls) while everything trained or compared -- LoRA weights, heads,
-logits, log-probs, optimizer -- stays float32. `--dtype float32` gives the like-for-like figure.
+Precision, like for like: `--dtype` sets both sides (the baseline's script loads its three models in
+that dtype and sets PPOConfig(bf16=...); our frozen shared base is loaded in it, while our LoRA
+weights, heads, logits and log-probs stay float32, as peft keeps the baseline's LoRA weights).
+Default auto: bfloat16 where the hardware multiplies it natively, float32 otherwise; `--dtype both`
+prints one comparison in each precision. Ours runs with our defaults (model_kwargs: eager
+attention on a CPU); the baseline with TRL's.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def run_ours(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.config import LoraSection, ModelConfig, PPOConfig
-    from rlhf.models import lora_config, torch_dtype
+    from rlhf.models import lora_config, model_kwargs, torch_dtype
     from rlhf.ppo.roles import build_roles
     from rlhf.ppo.distributed import seed_everything
     from rlhf.ppo.trainer import run_loop
@@ -77,8 +79,9 @@ def run_ours(a) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
     adapter = Path(a.adapter)
     seed_everything(0)
-    dtype = torch_dtype(ModelConfig(dtype=a.dtype))
-    base = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=dtype)
+    model_cfg = ModelConfig(name_or_path=str(a.model_dir), dtype=a.dtype)
+    dtype = torch_dtype(model_cfg)
+    base = AutoModelForCausalLM.from_pretrained(a.model_dir, **model_kwargs(model_cfg))  # our defaults, attention included
     roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter,
                         value_on_policy=a.value_on_policy)
     ppo = PPOConfig(data={"path": "unused.jsonl"}, steps=a.steps, rollout_batch_size=a.batch, micro_batch_size=a.batch,
@@ -91,7 +94,8 @@ def run_ours(a) -> dict:
              resume=False)
     dt = time.perf_counter() - t
     del torch
-    return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""), "base_dtype": str(dtype), "batch": a.batch,
+    return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""), "dtype": str(dtype).replace("torch.", ""),
+            "attn_implementation": base.config._attn_implementation, "batch": a.batch,
             "response_length": a.response_length, "ppo_epochs": a.ppo_epochs, "steps": a.steps,
             "s_per_step": round(dt / a.steps, 3), "episodes_per_s": round(a.batch * a.steps / dt, 4),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
@@ -104,6 +108,24 @@ def last_json(output: str) -> dict:
     raise RuntimeError(f"no JSON result in:\n{output[-2000:]}")
 
 
+def compare(a, dtype: str, env: dict, adapter: Path, common: list[str]) -> dict:
+    """One like-for-like pair in `dtype`: ours, then the baseline, each in a fresh process."""
+    ours_cmd = [sys.executable, __file__, "--ours", "--model-dir", a.model_dir, "--adapter", str(adapter), *common]
+    ours_cmd += ["--dtype", dtype] + (["--value-on-policy"] if a.value_on_policy else [])
+    ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    print(json.dumps(ours), flush=True)
+    if a.skip_baseline:
+        return {}
+    py = subprocess.run(["bash", str(SHARED / "baseline_env.sh")], capture_output=True, text=True, check=True).stdout.strip()
+    base_cmd = [py, str(SHARED / "trl112_ppo_baseline.py"), a.model_dir, *common, "--dtype", dtype]
+    base = last_json(subprocess.run(base_cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    print(json.dumps(base), flush=True)
+    return {"dtype": dtype, "throughput_ratio": round(ours["episodes_per_s"] / base["episodes_per_s"], 3),
+            "peak_memory_ratio": round(ours["peak_rss_gb"] / base["peak_rss_gb"], 3),
+            "ours_s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
+            "ours_peak_rss_gb": ours["peak_rss_gb"], "baseline_peak_rss_gb": base["peak_rss_gb"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", default=None, help="local model folder (default: the converted embedded SmolLM2)")
@@ -112,9 +134,10 @@ def main() -> None:
     ap.add_argument("--ppo-epochs", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--value-on-policy", action="store_true", help="also allowed: our cheaper opt-in variant")
-    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="our frozen base's dtype (model.dtype; auto = bfloat16 where the hardware multiplies it "
-                         "natively). LoRA weights, heads and log-probs stay float32. The baseline runs as its script does")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "both"],
+                    help="the precision of both sides (auto = bfloat16 where the hardware multiplies it natively, "
+                         "float32 otherwise; both = one comparison in each). Our LoRA weights, heads and log-probs "
+                         "stay float32, as peft keeps the baseline's LoRA weights")
     ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")
@@ -127,25 +150,22 @@ def main() -> None:
     if a.ours:
         print(json.dumps(run_ours(a)))
         return
+    if a.dtype == "auto":
+        from rlhf.config import ModelConfig
+        from rlhf.models import torch_dtype
+
+        dtypes = [str(torch_dtype(ModelConfig(dtype="auto"))).replace("torch.", "")]
+    else:
+        dtypes = ["bfloat16", "float32"] if a.dtype == "both" else [a.dtype]
     common = ["--batch", str(a.batch), "--response-length", str(a.response_length), "--ppo-epochs", str(a.ppo_epochs),
               "--steps", str(a.steps)]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", WANDB_MODE="disabled")
     # The reward adapter is made here, so the SeqCls model it needs never counts in our peak memory.
     adapter = untrained_reward_adapter(a.model_dir, Path(tempfile.mkdtemp(prefix="ppo-bench-rm-")), 16, 32)
-    ours_cmd = [sys.executable, __file__, "--ours", "--model-dir", a.model_dir, "--adapter", str(adapter), *common]
-    ours_cmd += ["--dtype", a.dtype] + (["--value-on-policy"] if a.value_on_policy else [])
-    ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=env, check=True).stdout)
-    print(json.dumps(ours))
-    if a.skip_baseline:
-        return
-    py = subprocess.run(["bash", str(SHARED / "baseline_env.sh")], capture_output=True, text=True, check=True).stdout.strip()
-    base_cmd = [py, str(SHARED / "trl112_ppo_baseline.py"), a.model_dir, *common]
-    base = last_json(subprocess.run(base_cmd, capture_output=True, text=True, env=env, check=True).stdout)
-    print(json.dumps(base))
-    print(json.dumps({"throughput_ratio": round(ours["episodes_per_s"] / base["episodes_per_s"], 3),
-                      "peak_memory_ratio": round(ours["peak_rss_gb"] / base["peak_rss_gb"], 3),
-                      "ours_s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
-                      "ours_peak_rss_gb": ours["peak_rss_gb"], "baseline_peak_rss_gb": base["peak_rss_gb"]}))
+    for dtype in dtypes:
+        ratios = compare(a, dtype, env, adapter, common)
+        if ratios:
+            print(json.dumps(ratios), flush=True)
 
 
 if __name__ == "__main__":
