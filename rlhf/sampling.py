@@ -41,7 +41,7 @@ def stop_token_id(stop_token: str | None, tokenizer) -> int | None:
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists → (ids (B, P), mask (B, P) bool), left-padded to the longest (PPO.md item 2)."""
+    """Token lists → (ids (B, P), mask (B, P) bool), left-padded to the longest (docs/ppo.md §4)."""
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.bool)
@@ -53,12 +53,12 @@ def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str
 
 
 def truncate_at_stop(tokens: torch.Tensor, stop_id: int | None, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Cut each response after its first stop token (PPO.md item 5).
+    """Cut each response after its first stop token (docs/ppo.md §7).
 
     tokens: (B, R) generated ids. Returns (tokens with pad_id after the stop token (B, R),
     mask (B, R) bool — True up to and including the first stop token, or everywhere when there is
     none, has_stop (B,) bool). Masks come from positions, never from `tokens != pad_id`: when pad
-    and EOS are the same id, that test would hide the real EOS (item 1)."""
+    and EOS are the same id, that test would hide the real EOS (docs/ppo.md §3)."""
     B, R = tokens.shape
     if stop_id is None:
         return tokens, torch.ones_like(tokens, dtype=torch.bool), torch.zeros(B, dtype=torch.bool, device=tokens.device)
@@ -71,7 +71,7 @@ def truncate_at_stop(tokens: torch.Tensor, stop_id: int | None, pad_id: int) -> 
 
 
 def pinned_generation_config(max_new_tokens: int, temperature: float, stop_id: int | None, pad_id: int):
-    """The whole sampling configuration, every field chosen here (PPO.md item 4): plain sampling from
+    """The whole sampling configuration, every field chosen here (docs/ppo.md §6): plain sampling from
     softmax(logits / T) (top_k 0, top_p 1; temperature 0 = greedy), no length, repetition or n-gram
     rules, no suppressed or banned tokens, one sequence, KV cache on, stopping at `stop_id` only
     (None: never, every response is max_new_tokens long).
@@ -112,7 +112,7 @@ def generate(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, re
              stop_id: int | None, pad_id: int, adapter: str | None = "policy") -> torch.Tensor:
     """Sample (B, R) response tokens with `adapter` (folded into scratch weights, see
     roles.temporarily_merged; None = the reference) under pinned_generation_config: temperature T,
-    top_k 0, top_p 1 (PPO.md item 4), nothing inherited from the model folder. `generate` gets the
+    top_k 0, top_p 1 (docs/ppo.md §6), nothing inherited from the model folder. `generate` gets the
     attention mask only and derives positions itself. Responses that stop early are right-padded
     to exactly R."""
     config = pinned_generation_config(response_length, temperature, stop_id, pad_id)
@@ -127,7 +127,7 @@ def generate(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Tensor, re
 
 
 def sequence_scores(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B,) reward-model scores at the last real token of prompt + response (PPO.md item 7): the
+    """(B,) reward-model scores at the last real token of prompt + response (docs/ppo.md §9): the
     stop token when there is one, never a pad position."""
     per_token = head_forward(roles, "reward", roles.reward_head, input_ids, attention_mask)
     last = last_valid_index(attention_mask.bool())
@@ -141,7 +141,7 @@ def append_after_stop(input_ids: torch.Tensor, attention_mask: torch.Tensor, has
     input_ids, attention_mask: (B, W); has_stop: (B,). Returns (B, W + S) tensors. The reward
     model was trained on chat-template renderings, where the end-of-turn token is followed by
     the template's own suffix (e.g. a newline in ChatML); scoring the policy's responses the same
-    way reads the score where the RM learned to put it (PPO.md item 7)."""
+    way reads the score where the RM learned to put it (docs/ppo.md §9)."""
     if not suffix:
         return input_ids, attention_mask
     B, W = input_ids.shape

@@ -61,7 +61,7 @@ def roles_env(tiny_rm_run):
     return make_roles(tiny_rm_run)
 
 
-# ---------------------------------------------------------------------------- masks (items 1, 5, 6)
+# ---------------------------------------------------------------------------- masks (docs/ppo.md §3, §7, §8)
 
 
 def test_truncate_at_stop_masks_by_position_even_when_pad_equals_eos():
@@ -214,7 +214,7 @@ def test_ppo_stage_starts_its_critic_centred(tiny_ppo_run):
     assert abs(bias.item() + mean) < abs(mean) / 2
 
 
-# ---------------------------------------------------------------------------- rollout (items 2, 3, 4, 7)
+# ---------------------------------------------------------------------------- rollout (docs/ppo.md §4, §5, §6, §9)
 
 
 def test_first_minibatch_ratio_one_and_kl_zero(roles_env):
@@ -402,7 +402,7 @@ def test_rollout_with_pad_equal_to_eos(tiny_rm_run):
             assert ro.response_mask[i].sum() == first + 1
 
 
-# ---------------------------------------------------------------------------- update (items 11-14)
+# ---------------------------------------------------------------------------- update (docs/ppo.md §16-§19)
 
 
 def test_value_loss_leaves_policy_adapter_untouched(roles_env):

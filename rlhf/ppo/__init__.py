@@ -1,4 +1,4 @@
-"""PPO, RLOO, GRPO and REINFORCE++ (`ppo.algorithm`) on a shared LoRA base (see PPO.md).
+"""PPO, RLOO, GRPO and REINFORCE++ (`ppo.algorithm`) on a shared LoRA base (specified in docs/ppo.md).
 
 The pure math lives in three modules of plain torch functions, tested against values worked
 out by hand:

@@ -1,4 +1,4 @@
-"""Rewards and advantages for PPO-based RLHF: the pure math of PPO.md items 8-10.
+"""Rewards and advantages for PPO-based RLHF: the pure math of docs/ppo.md §10-§15.
 
 Everything here is a plain function of tensors (plus two tiny KL-coefficient controllers and
 ``Targets``, the container of a rollout's rewards, KL, returns and advantages) so that each
@@ -154,7 +154,7 @@ def masked_var(
         mask: same shape as ``x``; bool or {0, 1}.
         unbiased: apply Bessel's correction ``n / (n - 1)`` (as TRL and N+ do).
 
-    Why: advantage whitening (PPO.md item 10) needs the variance of the valid tokens only.
+    Why: advantage whitening (docs/ppo.md §15) needs the variance of the valid tokens only.
     With fewer than two valid values the variance is undefined; it is returned as 0
     (a single value has no spread). This process's values alone: see :func:`masked_moments`.
     """
@@ -184,7 +184,7 @@ def masked_whiten(
         on valid positions, 0 on masked positions.
 
     Why: whitening advantages over the whole batch keeps the policy-gradient scale
-    independent of the reward scale (N+, arXiv 2403.17031; PPO.md item 10). Statistics
+    independent of the reward scale (N+, arXiv 2403.17031; docs/ppo.md §15). Statistics
     over padding would be wrong, hence the mask. With a single valid value the variance is
     taken as 0 and ``x - mean`` is exactly 0, so the result is 0 (``shift_mean``) or the
     value itself (not ``shift_mean``) — never NaN.
@@ -207,7 +207,7 @@ def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
         ``(B,)`` long tensor. Raises ``ValueError`` if a row has no valid position.
 
     Why: the reward-model score belongs to the last real token of the response (the EOS
-    when there is one), never to a pad position (PPO.md item 7; N+). Taking the last True
+    when there is one), never to a pad position (docs/ppo.md §9; N+). Taking the last True
     position, rather than ``mask.sum() - 1``, stays correct even if a caller's mask is not a
     clean right-padded prefix.
     """
@@ -235,7 +235,7 @@ def kl_penalty(
         logprobs: ``(B, T)`` log π(a_t | s_t) of the sampled tokens under the policy.
         ref_logprobs: ``(B, T)`` the same under the reference (SFT) model.
         estimator: ``"k1"``: ``logp - logp_ref`` (unbiased, can be negative per token;
-            the estimator of InstructGPT and N+, the default of PPO.md item 8).
+            the estimator of InstructGPT and N+, the default of docs/ppo.md §11).
             ``"k3"``: ``(exp(logp_ref - logp) - 1) - (logp_ref - logp)``, Schulman's
             estimator: unbiased, always >= 0, lower variance when the policies are close.
         mask: optional ``(B, T)``; if given, masked positions are set to 0.
@@ -276,7 +276,7 @@ def per_token_rewards(
     mask: torch.Tensor,
     kl_coef: float | torch.Tensor,
 ) -> PerTokenRewards:
-    """Build the per-token reward of PPO.md item 8.
+    """Build the per-token reward of docs/ppo.md §12.
 
     ``r_t = -kl_coef * kl_t`` on every valid token, plus the scalar score of the response
     added at its last valid token; 0 on masked positions.
@@ -312,7 +312,7 @@ def normalize_scores(
     std: float | torch.Tensor | None = None,
     whiten: bool = False,
 ) -> torch.Tensor:
-    """Normalise reward-model scores before they enter the per-token reward (PPO.md item 9).
+    """Normalise reward-model scores before they enter the per-token reward (docs/ppo.md §10).
 
     Args:
         scores: ``(B,)`` raw reward-model scores.
@@ -374,7 +374,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over response tokens (PPO.md item 10).
+    """Generalised advantage estimation over response tokens (docs/ppo.md §14).
 
     ``δ_t = r_t + γ·V_{t+1} − V_t`` and ``A_t = δ_t + γ·λ·A_{t+1}``, computed backwards over
     ``T`` and vectorised over ``B``. ``returns = advantages + values`` (the λ-return),
@@ -417,7 +417,7 @@ def gae(
 def whiten_advantages(
     advantages: torch.Tensor, mask: torch.Tensor, sum_across: SumAcross = one_process_sum
 ) -> torch.Tensor:
-    """Whiten advantages over the valid tokens of the whole batch (PPO.md item 10).
+    """Whiten advantages over the valid tokens of the whole batch (docs/ppo.md §15).
 
     Args:
         advantages: ``(B, T)`` from :func:`gae`.
@@ -437,7 +437,7 @@ def whiten_advantages(
 
 @dataclass
 class FixedKLController:
-    """A constant KL coefficient β (PPO.md item 8: ``kl_coef``, default 0.05).
+    """A constant KL coefficient β (docs/ppo.md §13: ``kl_coef``, default 0.05).
 
     Same interface as :class:`AdaptiveKLController`, so the trainer never branches on it.
     """

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-RANK_SEED_STRIDE = 100003  # per-process seed = seed + rank * stride (PPO.md item 15)
+RANK_SEED_STRIDE = 100003  # per-process seed = seed + rank * stride (docs/ppo.md §21)
 
 
 def seed_everything(seed: int, rank: int = 0) -> int:

@@ -1,11 +1,11 @@
-"""PPO losses and the per-token quantities they need: the pure math of PPO.md items 11-12.
+"""PPO losses and the per-token quantities they need: the pure math of docs/ppo.md §16-§17.
 
 Plain functions of tensors. Shapes: ``B`` responses, ``T`` response tokens, ``V`` vocabulary
 size. ``mask`` is ``(B, T)``, bool or {0, 1} float, True / 1 on valid response tokens (up to
 and including the stop token); every mean below is over valid tokens only.
 
 Losses return ``(loss, stats)``: ``loss`` is a 0-dim tensor to backpropagate, ``stats`` a
-dict of detached 0-dim tensors named as in PPO.md's metrics (kept as tensors so the
+dict of detached 0-dim tensors named as in the step metrics (docs/ppo.md §22) (kept as tensors so the
 training loop does not force a device sync per micro-batch; call ``.item()`` when logging).
 
 The critic-free algorithms' losses sit beside PPO's: :func:`sequence_policy_loss` (RLOO, as
@@ -48,7 +48,7 @@ def policy_loss(
     mask: torch.Tensor,
     clip_eps: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped surrogate policy loss of PPO (PPO.md item 11).
+    """Clipped surrogate policy loss of PPO (docs/ppo.md §16).
 
     ``ratio = exp(logp - logp_old)``;
     ``loss = masked_mean(max(-A·ratio, -A·clip(ratio, 1-ε, 1+ε)))``.
@@ -227,7 +227,7 @@ def value_loss(
     mask: torch.Tensor,
     clip_range: float = 0.2,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss (PPO.md item 12).
+    """Clipped value loss (docs/ppo.md §17).
 
     ``V_clip = clip(V, V_old - c, V_old + c)``;
     ``loss = 0.5 · masked_mean(max((V - R)², (V_clip - R)²))``.
@@ -267,7 +267,7 @@ def logprobs_from_logits(
             prediction *for* ``tokens[:, t]`` (with a causal LM's output, slice the logits
             one position to the left of the response tokens).
         tokens: ``(B, T)`` token ids.
-        temperature: the sampling temperature (PPO.md item 4; default 0.7 in our config).
+        temperature: the sampling temperature (docs/ppo.md §6; default 0.7 in our config).
 
     Returns:
         ``(B, T)`` float32 log-probabilities.
@@ -292,7 +292,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     Args:
         logits: ``(B, T, V)``.
         temperature: pass the sampling temperature to get the entropy of the distribution
-            the tokens are actually drawn from (PPO.md item 4).
+            the tokens are actually drawn from (docs/ppo.md §6).
 
     Returns:
         ``(B, T)`` float32 entropies (nats); mask them with the response mask when averaging.

@@ -21,7 +21,7 @@ SFT_EOS_RATE_WARN = 0.5  # below this share of SFT responses reaching the stop t
 
 def step_metrics(rollout: Rollout, targets: Targets, update: dict[str, float], kl_coef: float, lr: float, episode: int,
                  rollout_s: float, update_s: float) -> dict[str, float]:
-    """The PPO.md metric set for one step (names stable for W&B), the same names for every algorithm
+    """The metric set (docs/ppo.md §22) for one step (names stable for W&B), the same names for every algorithm
     where the quantity is the same. Only with a critic (PPO): loss/value, value/clipfrac,
     value/explained_variance. Only for GRPO: loss/kl, the mean k3 KL per token of its loss term."""
     mask = rollout.response_mask
@@ -87,7 +87,7 @@ def sft_eos_warning(eos_rate: float, ppo: PPOConfig, rm_std: float = 1.0) -> str
 def health_warnings(metrics: dict[str, float], rollout: Rollout, ppo: PPOConfig, kl_per_response: torch.Tensor,
                     first_step: bool = False, rm_std: float = 1.0,
                     scores_used: torch.Tensor | None = None) -> list[str]:
-    """Warnings for a step's metrics (PPO.md, Health); NaN/inf are raised separately.
+    """Warnings for a step's metrics (docs/ppo.md §24); NaN/inf are raised separately.
 
     kl_per_response: (B,) summed KL of each response. "Negative beyond noise" means the batch mean
     is below -3 standard errors (k1 is unbiased but noisy per sample; a clearly negative mean

@@ -1,4 +1,4 @@
-"""The four PPO roles on one frozen base (PPO.md, "Roles on one base").
+"""The four PPO roles on one frozen base (docs/ppo.md §1-§2).
 
 `sft/model` is loaded once and frozen. Three LoRA adapters sit on it:
 - `policy`: new, trainable (LoRA dropout 0: PPO runs without dropout);
@@ -238,7 +238,7 @@ def build_roles(
         p.requires_grad_("lora_" in name and (".policy." in name or ".value." in name))
     _contiguous_lm_head_input(base)
     device = next(base.parameters()).device
-    model.eval()  # dropout off in every role, for the whole run (PPO.md item 3)
+    model.eval()  # dropout off in every role, for the whole run (docs/ppo.md §5)
     if value_head is not None:
         value_head = value_head.to(device).eval()
     return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic)
@@ -259,7 +259,7 @@ def _contiguous_lm_head_input(lm: nn.Module) -> None:
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, T) positions that skip left padding: cumsum(mask) - 1, clamped at 0 (PPO.md item 2)."""
+    """(B, T) positions that skip left padding: cumsum(mask) - 1, clamped at 0 (docs/ppo.md §4)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 

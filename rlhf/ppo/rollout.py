@@ -1,4 +1,4 @@
-"""Rollouts: sample responses with the policy, then score them with every role (PPO.md items 1-7).
+"""Rollouts: sample responses with the policy, then score them with every role (docs/ppo.md §3-§9).
 
 Sampling, the cut at the stop token and the reward score come from rlhf.sampling.sample_and_score,
 the path `rlhf eval` uses too; this module adds what only PPO needs: the policy's and the
@@ -48,7 +48,7 @@ def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: tor
     Only the last R + 1 positions go through the LM head (`logits_to_keep`), since the prompt's
     next-token logits are never used. The value-on-policy variant reads the policy's final hidden
     states detached: the value loss trains the value head only and never moves the policy adapter
-    (PPO.md: the value loss must not send gradients into the policy)."""
+    (docs/ppo.md §2: the value loss must not send gradients into the policy)."""
     R = response_ids.shape[1]
     with use_adapter(roles.model, adapter):
         out = roles.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),

@@ -1,5 +1,5 @@
 """Stage 3: PPO (or RLOO, GRPO, REINFORCE++: `ppo.algorithm`) against the reward model, on one
-shared LoRA base (PPO.md).
+shared LoRA base (docs/ppo.md).
 
 Outputs under runs/<name>/ppo/: adapter/ (the policy LoRA), model/ (policy merged into the SFT
 model, a plain transformers folder), checkpoints/step-N/, metrics.jsonl, samples.jsonl,

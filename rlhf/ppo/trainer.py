@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 
 def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_mean: float,
                  sum_across: SumAcross = one_process_sum, rm_std: float = 1.0) -> torch.Tensor:
-    """(B,) scores entering the reward: RM score minus the RM's training mean (PPO.md item 9), then the
-    missing-stop-token rule (item 6), then optional batch whitening (`sum_across`: statistics over
+    """(B,) scores entering the reward: RM score minus the RM's training mean (docs/ppo.md §10), then the
+    missing-stop-token rule (§8), then optional batch whitening (`sum_across`: statistics over
     every process's batch, distributed.sum_across_processes; the default: this batch alone).
 
     raw, has_stop: (B,). The missing-EOS rule is in units of `rm_std`, the RM's score std over its
@@ -82,7 +82,7 @@ def final_scores(raw: torch.Tensor, has_stop: torch.Tensor, ppo: PPOConfig, rm_m
 def ppo_update(roles: Roles, rollout: Rollout, targets: Targets, optimizer, scheduler, ppo: PPOConfig,
                generator: torch.Generator, agreement: Agreement = ONE_PROCESS,
                kl_coef: float | None = None) -> dict[str, float]:
-    """`ppo_epochs` passes over the rollout, reshuffled each epoch (PPO.md item 13); one optimizer
+    """`ppo_epochs` passes over the rollout, reshuffled each epoch (docs/ppo.md §18); one optimizer
     step per mini-batch, micro-batches accumulate gradients. Returns mean statistics. `agreement`:
     every process checks each loss with the others before its backward (which averages gradients).
     The policy loss is the algorithm's (algorithms.policy_objective); the value loss only with a
@@ -179,7 +179,7 @@ def _backward(loss: torch.Tensor, pg: torch.Tensor, vf: torch.Tensor | None, agr
 
 
 def make_optimizer(roles: Roles, ppo: PPOConfig, total_updates: int):
-    """AdamW (eps 1e-5, PPO.md item 14) with a policy group and, with a critic, a value group; linear
+    """AdamW (eps 1e-5, docs/ppo.md §19) with a policy group and, with a critic, a value group; linear
     decay to 0."""
     groups = [{"params": roles.policy_parameters(), "lr": ppo.learning_rate, "name": "policy"}]
     if roles.has_critic:
@@ -271,7 +271,7 @@ def run_loop(roles: Roles, tokenizer, prompts: list[list[int]], prompt_texts: li
         for step in bar:
             t0 = time.perf_counter()
             # This process's share of the step's prompts, k samples each: rollout_batch_size responses
-            # per process (PPO.md).
+            # per process (docs/ppo.md §25).
             idx = step_prompt_indices(len(prompts), ppo, step, seed, rank, world)
             query_ids, query_mask = left_pad([prompts[i] for i in idx], pad_id, device)
             rollout = collect_rollout(roles, query_ids, query_mask, response_length=ppo.response_length,
