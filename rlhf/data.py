@@ -151,6 +151,14 @@ def _progress_bars(n_rows: int) -> Iterator[None]:
             ds_logging.enable_progress_bar()
 
 
+def _in_memory(table: pa.Table) -> Dataset:
+    """A Dataset over an Arrow table read here. Its fingerprint is drawn, not computed: `datasets`
+    would hash the whole table for it (a copy of the data: 4× the table's size at peak)."""
+    from datasets import Dataset
+
+    return Dataset(table, fingerprint=uuid.uuid4().hex)
+
+
 def _map(ds: Dataset, fn: Callable, desc: str, **kwargs) -> Dataset:
     """Dataset.map with our defaults: batched, a fresh fingerprint (hashing closures that hold a
     tokenizer or a data set costs more than the step; our own cache key says what a result is),
@@ -228,12 +236,13 @@ def _read_jsonl(path: Path) -> Rows:
             table.validate(full=True)  # the reader passes bytes that are not UTF-8 through
         except (pa.ArrowException, UnicodeDecodeError, OSError):
             table = None
+        pa.default_memory_pool().release_unused()  # the parser's buffers, kept by the allocator otherwise
         if table is not None and _plain_json_types(table.schema):
             with open(path, "rb") as f:  # the line number of each row (blank lines are skipped)
                 numbers = [n for n, raw in enumerate(f, start=1) if raw.strip()]
             if len(numbers) == table.num_rows:
                 try:
-                    return Rows(str(path), Dataset(table), [f"line {n}" for n in numbers])
+                    return Rows(str(path), _in_memory(table), [f"line {n}" for n in numbers])
                 except (TypeError, ValueError, pa.ArrowException):  # a type `datasets` does not take
                     pass
     return _read_jsonl_python(path)
@@ -275,7 +284,7 @@ def _read_parquet(path: Path) -> Rows:
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
     labels = [f"row {i + 1}" for i in range(table.num_rows)]
     try:
-        return Rows(str(path), Dataset(table), labels)
+        return Rows(str(path), _in_memory(table), labels)
     except (TypeError, ValueError, pa.ArrowException):  # a column type `datasets` does not take
         return Rows.from_list(str(path), table.to_pylist(), labels)
 
@@ -782,17 +791,22 @@ TOKEN_FEATURES = {  # compact storage (the trainers' collators make int64 tensor
 
 
 def _tokenized(records: Dataset, tokenizer, stage: str, what: str) -> Dataset:
-    """The records with the stage's token columns added (and `n_tokens`)."""
-    from datasets import Features, List, Value
+    """The records with the stage's token columns beside them (and `n_tokens`). The map writes the
+    new columns only; they join the records' columns without copying them."""
+    from datasets import Features, List, Value, concatenate_datasets
 
     if not len(records):
         return records
     fn = TOKEN_IDS[stage]
-    features = Features({**records.features, **{
-        c: Value(TOKEN_FEATURES[c]) if c in ("n_tokens", "prompt_text") else List(Value(TOKEN_FEATURES[c]))
-        for c in (*TOKEN_COLUMNS[stage], "n_tokens") if not (stage == "sft" and c == "completion_mask"
-                                                             and "prompt" not in records.column_names)}})
-    return _map(records, lambda batch: fn(tokenizer, batch), f"Tokenizing {what} rows", features=features)
+    columns = [c for c in (*TOKEN_COLUMNS[stage], "n_tokens")
+               if not (c == "completion_mask" and "prompt" not in records.column_names)]
+    features = Features({c: Value(TOKEN_FEATURES[c]) if c in ("n_tokens", "prompt_text") else List(Value(TOKEN_FEATURES[c]))
+                         for c in columns})
+    tokens = _map(records, lambda batch: fn(tokenizer, batch), f"Tokenizing {what} rows", features=features,
+                  remove_columns=records.column_names)
+    if records._indices is not None:  # rows dropped before (RM): the kept rows, in one table
+        records = records.flatten_indices(new_fingerprint=uuid.uuid4().hex)
+    return concatenate_datasets([records, tokens], axis=1)
 
 
 def _prepare(records: Dataset, labels: list[str], tokenizer, stage: str, max_length: int, reason: str,
