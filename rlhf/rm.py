@@ -370,7 +370,7 @@ def run(cfg: PipelineConfig) -> Path:
             **kwargs, center_rewards_coefficient=cfg.rm.center_rewards_coefficient, dataset_num_proc=None
         )
         trainer = RewardTrainer(
-            model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+            model=model, args=args, train_dataset=data.train_ids, eval_dataset=data.eval_ids, processing_class=tokenizer,
             peft_config=lora_config(cfg.lora, "SEQ_CLS"), callbacks=callbacks(cfg, STAGE),
             compute_metrics=_compute_metrics, preprocess_logits_for_metrics=_pair_logits,
         )

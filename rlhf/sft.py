@@ -43,7 +43,7 @@ def run(cfg: PipelineConfig) -> Path:
             dataset_num_proc=None,
         )
         trainer = SFTTrainer(
-            model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tokenizer,
+            model=model, args=args, train_dataset=data.train_ids, eval_dataset=data.eval_ids, processing_class=tokenizer,
             peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=callbacks(cfg, STAGE),
         )
         criterion = CRITERION[STAGE]

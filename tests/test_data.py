@@ -30,7 +30,7 @@ def jsonl(path: Path, rows: list) -> Path:
 
 
 def rows_of(records: list[dict], source: str = "mem") -> D.Rows:
-    return D.Rows(source, records, [f"line {i + 1}" for i in range(len(records))])
+    return D.Rows.from_list(source, records, [f"line {i + 1}" for i in range(len(records))])
 
 
 def raises(fn, *args, **kwargs) -> str:
@@ -59,24 +59,24 @@ def stage_cfg(**sections) -> object:
 
 def test_sft_messages_become_prompt_completion_with_completion_only_loss():
     conv = [{"role": "system", "content": "be brief"}, user("hi"), bot("hello"), user("and?"), bot("bye")]
-    recs = D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=True)
+    recs = D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=True).to_list()
     assert recs == [{"prompt": conv[:-1], "completion": conv[-1:]}]
 
 
 def test_sft_messages_kept_without_completion_only_loss():
     conv = [user("hi"), bot("hello")]
-    assert D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=False) == [{"messages": conv}]
+    assert D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=False).to_list() == [{"messages": conv}]
 
 
 def test_sft_prompt_completion_text_and_conversational():
-    text = D.sft_records(rows_of([{"prompt": "Q: 2+2?", "completion": " 4", "extra": 1}]), True)
+    text = D.sft_records(rows_of([{"prompt": "Q: 2+2?", "completion": " 4", "extra": 1}]), True).to_list()
     assert text == [{"prompt": "Q: 2+2?", "completion": " 4"}]
-    conv = D.sft_records(rows_of([{"prompt": [user("2+2?")], "completion": [bot("4")]}]), True)
+    conv = D.sft_records(rows_of([{"prompt": [user("2+2?")], "completion": [bot("4")]}]), True).to_list()
     assert conv == [{"prompt": [user("2+2?")], "completion": [bot("4")]}]
 
 
 def test_sft_text():
-    assert D.sft_records(rows_of([{"text": "once upon a time"}]), True) == [{"text": "once upon a time"}]
+    assert D.sft_records(rows_of([{"text": "once upon a time"}]), True).to_list() == [{"text": "once upon a time"}]
 
 
 def test_sft_mixed_prompt_and_completion_types_is_an_error():
@@ -93,7 +93,7 @@ def test_sft_last_message_must_be_assistant():
 def test_sft_assistant_only_conversation_needs_a_prompt_turn():
     msg = raises(D.sft_records, rows_of([{"messages": [bot("b")]}]), True)
     assert "needs a prompt turn" in msg
-    assert D.sft_records(rows_of([{"messages": [bot("b")]}]), False) == [{"messages": [bot("b")]}]
+    assert D.sft_records(rows_of([{"messages": [bot("b")]}]), False).to_list() == [{"messages": [bot("b")]}]
 
 
 def test_sft_bad_role_names_row_and_column():
@@ -134,16 +134,16 @@ def test_later_row_with_missing_column_is_reported_by_line():
 
 
 def test_rm_explicit_prompt_text_and_conversational():
-    text = D.preference_records(rows_of([{"prompt": "Q?", "chosen": " good", "rejected": " bad"}]))
+    text = D.preference_records(rows_of([{"prompt": "Q?", "chosen": " good", "rejected": " bad"}])).to_list()
     assert text == [{"prompt": "Q?", "chosen": " good", "rejected": " bad"}]
-    conv = D.preference_records(rows_of([{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]))
+    conv = D.preference_records(rows_of([{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}])).to_list()
     assert conv == [{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
 
 
 def test_rm_implicit_prompt_is_the_shared_prefix():
-    conv = D.preference_records(rows_of([{"chosen": [user("Q?"), bot("good")], "rejected": [user("Q?"), bot("bad")]}]))
+    conv = D.preference_records(rows_of([{"chosen": [user("Q?"), bot("good")], "rejected": [user("Q?"), bot("bad")]}])).to_list()
     assert conv == [{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
-    text = D.preference_records(rows_of([{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}]))
+    text = D.preference_records(rows_of([{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}])).to_list()
     assert text == [{"prompt": "Q: sky? A:", "chosen": " blue", "rejected": " green"}]
 
 
@@ -165,17 +165,21 @@ def test_rm_type_mismatch_and_missing_columns():
 
 
 def test_rm_drop_rules_with_counts(tok):
+    from datasets import Dataset
+
     recs = [
         {"prompt": "q", "chosen": "a", "rejected": "b"},
         {"prompt": "q", "chosen": "same", "rejected": "same"},
         {"prompt": "q", "chosen": "  ", "rejected": "b"},
         {"prompt": "q", "chosen": "x" * 100, "rejected": "b"},
-        {"prompt": [user("q")], "chosen": [bot("")], "rejected": [bot("b")]},
     ]
-    kept, report = D.filter_preferences(recs, [f"line {i}" for i in range(1, 6)], tok, max_length=50)
-    assert kept == recs[:1]
+    conv = [{"prompt": [user("q")], "chosen": [bot("")], "rejected": [bot("b")]}]  # text and messages: two sets
+    kept, report = D.filter_preferences(Dataset.from_list(recs), [f"line {i}" for i in range(1, 5)], tok, max_length=50)
+    kept_conv, report_conv = D.filter_preferences(Dataset.from_list(conv), ["line 5"], tok, max_length=50)
+    assert kept.select_columns(["prompt", "chosen", "rejected"]).to_list() == recs[:1] and len(kept_conv) == 0
     assert report.summary() == {"kept": 1, "dropped": {
-        "chosen == rejected": 1, "chosen or rejected is empty": 2, "longer than max_length=50 tokens": 1}}
+        "chosen == rejected": 1, "chosen or rejected is empty": 1, "longer than max_length=50 tokens": 1}}
+    assert report_conv.summary() == {"kept": 0, "dropped": {"chosen or rejected is empty": 1}}
     assert "line 4" in report.describe("RM")
 
 
@@ -183,9 +187,9 @@ def test_rm_drop_rules_with_counts(tok):
 
 
 def test_ppo_prompt_text_conversational_and_messages():
-    assert D.prompt_records(rows_of([{"prompt": "Tell me"}])) == [{"prompt": "Tell me"}]
-    assert D.prompt_records(rows_of([{"prompt": [user("hi")]}])) == [{"prompt": [user("hi")]}]
-    recs = D.prompt_records(rows_of([{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q")]}]))
+    assert D.prompt_records(rows_of([{"prompt": "Tell me"}])).to_list() == [{"prompt": "Tell me"}]
+    assert D.prompt_records(rows_of([{"prompt": [user("hi")]}])).to_list() == [{"prompt": [user("hi")]}]
+    recs = D.prompt_records(rows_of([{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q")]}])).to_list()
     assert recs == [{"prompt": [user("hi")]}, {"prompt": [user("q")]}]
 
 
@@ -196,10 +200,15 @@ def test_ppo_errors():
 
 
 def test_ppo_drops_long_prompts(tok):
-    recs = [{"prompt": "short"}, {"prompt": "y" * 200}, {"prompt": [user("z" * 200)]}]
-    kept, report = D.filter_prompts(recs, ["line 1", "line 2", "line 3"], tok, max_length=64)
-    assert kept == recs[:1]
-    assert report.summary() == {"kept": 1, "dropped": {"prompt longer than max_prompt_length=64 tokens": 2}}
+    from datasets import Dataset
+
+    recs = [{"prompt": "short"}, {"prompt": "y" * 200}]
+    conv = [{"prompt": [user("z" * 200)]}]  # text and messages: two sets
+    kept, report = D.filter_prompts(Dataset.from_list(recs), ["line 1", "line 2"], tok, max_length=64)
+    kept_conv, report_conv = D.filter_prompts(Dataset.from_list(conv), ["line 3"], tok, max_length=64)
+    assert kept["prompt"][:] == ["short"] and len(kept_conv) == 0
+    reason = "prompt longer than max_prompt_length=64 tokens"
+    assert report.summary() == {"kept": 1, "dropped": {reason: 1}} and report_conv.summary() == {"kept": 0, "dropped": {reason: 1}}
 
 
 # ---------------------------------------------------------------------------- readers
@@ -212,7 +221,7 @@ def test_read_jsonl_labels_by_line_and_skips_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
     rows = D.read_local(str(path))
-    assert rows.rows == ROWS[:2]
+    assert rows.to_list() == ROWS[:2]
     assert rows.labels == ["line 1", "line 3"]
     assert rows.where(1) == f"{path}, line 3"
 
@@ -222,7 +231,7 @@ def test_read_json_list_and_data_key(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"data": ROWS}))
     for name in ("a.json", "b.json"):
         rows = D.read_local(str(tmp_path / name))
-        assert rows.rows == ROWS and rows.labels == ["row 1", "row 2", "row 3"]
+        assert rows.to_list() == ROWS and rows.labels == ["row 1", "row 2", "row 3"]
     (tmp_path / "c.json").write_text(json.dumps({"prompt": "q"}))
     assert "expected a JSON list of objects" in raises(D.read_local, str(tmp_path / "c.json"))
     (tmp_path / "d.json").write_text('[{"prompt": "q"},\n {"prompt": }]')
@@ -236,7 +245,7 @@ def test_read_parquet_conversational(tmp_path):
     conv = [{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q"), bot("a")]}]
     pq.write_table(pa.Table.from_pylist(conv), tmp_path / "d.parquet")
     rows = D.read_local(str(tmp_path / "d.parquet"))
-    assert rows.rows == conv and rows.labels == ["row 1", "row 2"]
+    assert rows.to_list() == conv and rows.labels == ["row 1", "row 2"]
     assert D.sft_records(rows, True)[1] == {"prompt": [user("q")], "completion": [bot("a")]}
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     assert "not a readable parquet file" in raises(D.read_local, str(tmp_path / "bad.parquet"))
@@ -246,7 +255,7 @@ def test_read_csv_rows_are_numbered_after_the_header(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("prompt,completion\nq1,a1\n\"q, 2\",a2\n")
     rows = D.read_local(str(path))
-    assert rows.rows == [{"prompt": "q1", "completion": "a1"}, {"prompt": "q, 2", "completion": "a2"}]
+    assert rows.to_list() == [{"prompt": "q1", "completion": "a1"}, {"prompt": "q, 2", "completion": "a2"}]
     assert rows.labels == ["row 2", "row 3"]
     msg = raises(D.sft_records, D.read_local(str(jsonl_csv(tmp_path))), True)
     assert msg.startswith(f"{tmp_path / 'e.csv'}, row 3:") and "'completion'" in msg
@@ -263,7 +272,7 @@ def test_read_folder_concatenates_files_in_name_order(tmp_path):
     jsonl(tmp_path / "a.jsonl", ROWS[:1])
     (tmp_path / "notes.txt").write_text("ignored")
     rows = D.read_local(str(tmp_path))
-    assert rows.rows == ROWS
+    assert rows.to_list() == ROWS
     assert rows.labels == ["a.jsonl line 1", "b.jsonl line 1", "b.jsonl line 2"]
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -328,11 +337,11 @@ def test_eval_split_is_deterministic_disjoint_and_complete(tmp_path):
     train, held = D.read_splits(data, seed=1)
     train2, held2 = D.read_splits(data, seed=1)
     _, held3 = D.read_splits(data, seed=2)
-    assert len(held.rows) == 10 and len(train.rows) == 30
-    assert held.rows == held2.rows and train.rows == train2.rows
-    assert held.rows != held3.rows
-    texts = {r["text"] for r in train.rows}
-    held_texts = {r["text"] for r in held.rows}
+    assert len(held) == 10 and len(train) == 30
+    assert held.to_list() == held2.to_list() and train.to_list() == train2.to_list()
+    assert held.to_list() != held3.to_list()
+    texts = {r["text"] for r in train.to_list()}
+    held_texts = {r["text"] for r in held.to_list()}
     assert not texts & held_texts and texts | held_texts == {r["text"] for r in rows}
     assert held.labels[0].startswith("line ")
     # training rows keep file order (for reporting); the trainer shuffles
@@ -351,16 +360,16 @@ def test_no_eval_and_eval_path(tmp_path):
     jsonl(tmp_path / "t.jsonl", ROWS)
     jsonl(tmp_path / "e.jsonl", ROWS[:1])
     train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=None), 0)
-    assert held is None and train.rows == ROWS
+    assert held is None and train.to_list() == ROWS
     train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0)
-    assert train.rows == ROWS and held.rows == ROWS[:1]  # eval_path wins over the default eval_split
+    assert train.to_list() == ROWS and held.to_list() == ROWS[:1]  # eval_path wins over the default eval_split
 
 
 def test_max_rows_applies_after_the_held_out_carve(tmp_path):
     jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(20)])
     train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.5, max_rows=3), 0)
-    assert len(train.rows) == 3 and len(held.rows) == 10
-    assert not {r["text"] for r in train.rows} & {r["text"] for r in held.rows}
+    assert len(train) == 3 and len(held) == 10
+    assert not {r["text"] for r in train.to_list()} & {r["text"] for r in held.to_list()}
 
 
 # ---------------------------------------------------------------------------- per stage
@@ -422,3 +431,147 @@ def test_check_data_counts_rows_and_checks_held_out(tmp_path):
     msg = raises(D.check_data, DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0,
                  lambda r: D.sft_records(r, True))
     assert msg.startswith(f"{tmp_path / 'e.jsonl'}, line 1: SFT data needs columns")
+
+
+# ---------------------------------------------------------------------------- reading through Arrow
+
+
+def test_jsonl_values_read_as_pythons_json_reads_them(tmp_path):
+    """pyarrow's reader would turn date-like strings into timestamps and an int among floats into a
+    float; such files are read in Python, so every value reaches the checks as written."""
+    path = jsonl(tmp_path / "d.jsonl", [{"text": "2024-01-02"}, {"text": "2024-01-03 10:00:00", "meta": 1},
+                                        {"text": "x", "meta": "mixed types in a column no stage reads"}])
+    assert D.read_local(str(path)).to_list() == [
+        {"text": "2024-01-02", "meta": None}, {"text": "2024-01-03 10:00:00", "meta": 1},
+        {"text": "x", "meta": "mixed types in a column no stage reads"}]
+    msg = raises(D.prompt_records, D.read_local(str(jsonl(tmp_path / "n.jsonl", [{"prompt": 1.5}, {"prompt": 2}]))))
+    assert msg == f"{tmp_path / 'n.jsonl'}, line 1: column 'prompt' must be a string or a list of messages, got float"
+    msg = raises(D.prompt_records, D.read_local(str(jsonl(tmp_path / "i.jsonl", [{"prompt": 2}, {"prompt": 1.5}]))))
+    assert msg.endswith("line 1: column 'prompt' must be a string or a list of messages, got int")
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n")
+    assert raises(D.read_local, str(bom)).startswith(f"{bom}, line 1: malformed JSON (Unexpected UTF-8 BOM")
+
+
+def test_needs_chat_template_reads_only_the_first_row(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n" + json.dumps({"messages": [user("a"), bot("b")]}) + "\n{not json at all\n")
+    assert D.needs_chat_template(DataConfig(path=str(path)))  # the broken line 3 is the stage's to report
+    assert raises(D.read_local, str(path)).startswith(f"{path}, line 3: malformed JSON")
+
+
+# ---------------------------------------------------------------------------- tokenized once, as TRL would
+
+
+def test_trl_trains_on_the_prepared_sets_exactly_what_it_would_tokenize(tmp_path, tok):
+    """SFTTrainer and RewardTrainer skip tokenizing a set that has token ids: the ids and labels
+    they end up with from our prepared sets equal what their own tokenization of the records gives,
+    for conversational and text rows; PPO's prompt ids are the rendered prompt's tokens."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
+
+    from rlhf.models import resolve_model
+
+    model_dir = resolve_model(ModelConfig(name_or_path="embedded:tiny-random-llama"))
+    convs = [json.loads(line) for line in (DEMO / "sft_train.jsonl").read_text().splitlines()[:12]]
+    text = jsonl(tmp_path / "text.jsonl", [{"prompt": c["messages"][0]["content"] + "\nA:",
+                                            "completion": " " + c["messages"][-1]["content"]} for c in convs])
+    lm = jsonl(tmp_path / "lm.jsonl", [{"text": c["messages"][-1]["content"]} for c in convs])
+    pairs = jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"Q{i}: sky? A: blue", "rejected": f"Q{i}: sky? A: green", "m": i}
+                                             for i in range(6)])
+
+    def trl_view(trainer_cls, args_cls, model, data, columns, **kwargs):
+        args = args_cls(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **kwargs)
+        views = []
+        for train in (data.train, data.train_ids):
+            trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok)
+            views.append({c: trainer.train_dataset[c][:] for c in columns})
+        return views
+
+    causal = AutoModelForCausalLM.from_pretrained(model_dir)
+    for path, extra in ((str(DEMO / "sft_train.jsonl"), {"max_rows": 12}), (str(text), {}), (str(lm), {})):
+        cfg = stage_cfg(sft={"data": {"path": path, "eval_split": None, **extra}, "max_length": 96})
+        data = D.sft_data(cfg, tok)
+        ours, trls = trl_view(SFTTrainer, SFTConfig, causal, data, ("input_ids", "labels"), max_length=96,
+                              completion_only_loss=True if "prompt" in data.train.column_names else None)
+        assert ours == trls and len(ours["input_ids"]) == len(data.train) > 0, path
+    scorer = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    scorer.config.pad_token_id = tok.pad_token_id
+    for path, margin in ((str(DEMO / "rm_train.jsonl"), None), (str(pairs), "m")):
+        cfg = stage_cfg(rm={"data": {"path": path, "eval_split": None, "max_rows": 12}, "margin_column": margin})
+        data = D.rm_data(cfg, tok)
+        ours, trls = trl_view(RewardTrainer, RewardConfig, scorer, data,
+                              ("chosen_ids", "rejected_ids", *(("margin",) if margin else ())), max_length=None)
+        assert ours == trls, path
+    cfg = stage_cfg(rm={"data": {"path": str(DEMO / "rm_train.jsonl")}},
+                    ppo={"data": {"path": str(DEMO / "ppo_train.jsonl"), "eval_split": None}})
+    data = D.ppo_data(cfg, tok)
+    texts = [D.render(tok, p) for p in data.train["prompt"]]
+    assert data.train_ids["prompt_text"][:] == texts
+    assert data.train_ids["prompt_ids"][:] == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+# ---------------------------------------------------------------------------- prepared once, cached
+
+
+def test_prepared_data_is_cached_and_keyed_by_what_shapes_it(tmp_path, tok, monkeypatch):
+    monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
+    path = jsonl(tmp_path / "t.jsonl", [{"messages": [user(f"q{i}"), bot(f"a{i}")]} for i in range(20)])
+    cfg = stage_cfg(sft={"data": {"path": str(path), "eval_split": 0.25}, "max_length": 64})
+    first = D.sft_data(cfg, tok)
+    builds = []
+    real_build = D._build
+    monkeypatch.setattr(D, "_build", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    again = D.sft_data(cfg, tok)  # a rerun (or another process) loads it
+    assert builds == [] and again.report == first.report and again.conversational
+    assert again.train.to_list() == first.train.to_list() and again.eval_ids.to_list() == first.eval_ids.to_list()
+    assert again.train.cache_files  # memory-mapped from the cache folder
+    D.sft_data(stage_cfg(sft={"data": {"path": str(path), "eval_split": 0.25}, "max_length": 32}), tok)
+    assert builds == [1]  # another length rule: prepared afresh
+    jsonl(path, [{"messages": [user(f"q{i}"), bot(f"b{i}")]} for i in range(20)])
+    assert D.sft_data(cfg, tok).train[0]["completion"] == [bot("b1")] and builds == [1, 1]  # the file changed
+
+
+PREPARE_IN_A_PROCESS = """
+import json, sys
+from accelerate import PartialState
+state = PartialState(cpu=True)
+from rlhf import data as D
+from rlhf.config import ModelConfig, validate_config
+from rlhf.models import load_tokenizer
+built = []
+real_build = D._build
+D._build = lambda *a, **k: built.append(state.process_index) or real_build(*a, **k)
+cfg = validate_config({"model": {"name_or_path": "embedded:tiny-random-llama"}, "seed": 0,
+                       "sft": {"data": {"path": sys.argv[1], "eval_split": 0.1}}})
+data = D.sft_data(cfg, load_tokenizer(cfg.model))
+print(json.dumps({"built": built, "train": data.train_ids["input_ids"][:], "mapped": bool(data.train_ids.cache_files)}))
+"""
+
+
+def test_a_two_process_stage_prepares_its_data_once(tmp_path):
+    """Under accelerate's main_process_first the main process prepares the set and the other loads it."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    path = jsonl(tmp_path / "t.jsonl", [{"messages": [user(f"q{i}"), bot(f"a{i}")]} for i in range(30)])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, RLHF_CACHE=str(tmp_path / "cache"), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               WORLD_SIZE="2", ACCELERATE_USE_CPU="1", PYTHONPATH=str(REPO))
+    from rlhf.models import resolve_model
+
+    model = Path(resolve_model(ModelConfig(name_or_path="embedded:tiny-random-llama")))  # built once, shared
+    (tmp_path / "cache").mkdir()
+    os.symlink(model, tmp_path / "cache" / model.name)
+    procs = [subprocess.Popen([sys.executable, "-c", PREPARE_IN_A_PROCESS, str(path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)))
+             for r in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    main, other = (json.loads(out.strip().splitlines()[-1]) for out, _ in outs)
+    assert main["built"] == [0] and other["built"] == []
+    assert other["train"] == main["train"] and len(main["train"]) == 27 and main["mapped"] and other["mapped"]

@@ -291,7 +291,7 @@ def test_margin_reaches_the_loss(tiny_sft_run):
     """rm.margin_column becomes the `margin` column RewardTrainer's collator and loss read."""
     from rlhf.data import preference_records, Rows
 
-    rows = Rows("mem", _rows("margin", 3), ["line 1", "line 2", "line 3"])
+    rows = Rows.from_list("mem", _rows("margin", 3), ["line 1", "line 2", "line 3"])
     assert [r["margin"] for r in preference_records(rows, "strength")] == [0.0, 1.0, 2.0]
     from trl.trainer.reward_trainer import DataCollatorForPreference
 

@@ -84,7 +84,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from rlhf.data import needs_chat_template, ppo_data, render
+    from rlhf.data import needs_chat_template, ppo_data
     from rlhf.hf_trainer import export_merged
     from rlhf.models import load_tokenizer, lora_config, model_kwargs, turn_end_suffix
     from rlhf.ppo.algorithms import needs_critic
@@ -109,8 +109,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
     tokenizer = load_tokenizer(cfg.model, str(sft_model), need_chat_template=needs_chat_template(cfg.ppo.data, cfg.seed))
     tokenizer.padding_side = "left"
     data = ppo_data(cfg, tokenizer)
-    prompt_texts = [render(tokenizer, p) for p in data.train["prompt"]]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in prompt_texts]
+    prompt_texts, prompts = data.train_ids["prompt_text"][:], data.train_ids["prompt_ids"][:]  # rendered, tokenized
 
     ckpt_root = stage_dir / "checkpoints"
     config_hash = stage_hash(cfg, STAGE)
