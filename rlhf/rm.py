@@ -51,6 +51,10 @@ Scoring outside training goes through the same tokenization as RewardTrainer (`e
 conversational prompt + response rendered by the chat template with no generation prompt and
 nothing appended; text prompt + response with the tokenizer's EOS appended (unless present) and
 the tokenizer's default special tokens. The score is read at the last non-pad token.
+
+A little over 400 lines: the stage and the one scoring path everything outside training uses
+(`rlhf score`, eval's pair accuracy, the gate's figures) belong together, so that training and
+scoring cannot drift apart in how they tokenize.
 """
 
 from __future__ import annotations
