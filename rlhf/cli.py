@@ -140,9 +140,10 @@ def check_all(cfg: PipelineConfig, config: str, echo: Callable[[str], None]) -> 
     any stage loads a model): the data sets' columns and types, the model reference, a chat template
     where the data needs one, and that the run folder can be written."""
     from rlhf.config import STAGES
-    from rlhf.data import (
-        check_data, filter_preferences, is_local, needs_chat_template, preference_records, prompt_records, sft_records,
-    )
+    from rlhf.data import needs_chat_template
+    from rlhf.data.prepare import check_data, filter_preferences
+    from rlhf.data.read import is_local
+    from rlhf.data.records import preference_records, prompt_records, sft_records
     from rlhf.models import EMBEDDED_PREFIX, check_model_reference, load_tokenizer
 
     warning = check_model_reference(cfg.model)

@@ -84,7 +84,7 @@ def front_matter(path: Path) -> dict[str, Any]:
 
 
 def _is_hub_id(path: str | None) -> bool:
-    from rlhf.data import is_local
+    from rlhf.data.read import is_local
 
     return bool(path) and not is_local(path) and bool(_HUB_ID.match(path))
 

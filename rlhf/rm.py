@@ -186,7 +186,7 @@ def score_pairs_with_classifier(model: PreTrainedModel, tokenizer: PreTrainedTok
                                 records: Iterable[dict[str, Any]],
                                 batch_size: int = 16) -> tuple[list[float], list[float]]:
     """Scores of the chosen and the rejected response of each explicit-prompt record
-    {prompt, chosen, rejected} (text or conversational, as rlhf.data.preference_records makes them),
+    {prompt, chosen, rejected} (text or conversational, as rlhf.data.records.preference_records makes them),
     by a sequence-classification reward model (the exported rm/model, or the RM being trained).
     `rlhf eval` scores pairs with the PPO reward role instead: rlhf.evaluate.score_pairs_with_reward_role.
 

@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from rlhf.config import STAGES, UPSTREAM, PipelineConfig
-from rlhf.data import LOCAL_SUFFIXES
+from rlhf.data.read import LOCAL_SUFFIXES
 from rlhf.errors import UserError
 
 MANIFEST = "manifest.json"

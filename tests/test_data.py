@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
-from rlhf import data as D
+from rlhf.data import needs_chat_template, ppo_data, prepare, render, rm_data, sft_data
+from rlhf.data.prepare import check_data, filter_preferences, filter_prompts
+from rlhf.data.read import Rows, is_local, read_local, read_splits
+from rlhf.data.records import preference_records, prompt_records, sft_records
 from rlhf.config import DataConfig, ModelConfig, validate_config
 from rlhf.errors import UserError
 
@@ -29,8 +32,8 @@ def jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def rows_of(records: list[dict], source: str = "mem") -> D.Rows:
-    return D.Rows.from_list(source, records, [f"line {i + 1}" for i in range(len(records))])
+def rows_of(records: list[dict], source: str = "mem") -> Rows:
+    return Rows.from_list(source, records, [f"line {i + 1}" for i in range(len(records))])
 
 
 def raises(fn, *args, **kwargs) -> str:
@@ -59,45 +62,45 @@ def stage_cfg(**sections) -> object:
 
 def test_sft_messages_become_prompt_completion_with_completion_only_loss():
     conv = [{"role": "system", "content": "be brief"}, user("hi"), bot("hello"), user("and?"), bot("bye")]
-    recs = D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=True).to_list()
+    recs = sft_records(rows_of([{"messages": conv}]), completion_only_loss=True).to_list()
     assert recs == [{"prompt": conv[:-1], "completion": conv[-1:]}]
 
 
 def test_sft_messages_kept_without_completion_only_loss():
     conv = [user("hi"), bot("hello")]
-    assert D.sft_records(rows_of([{"messages": conv}]), completion_only_loss=False).to_list() == [{"messages": conv}]
+    assert sft_records(rows_of([{"messages": conv}]), completion_only_loss=False).to_list() == [{"messages": conv}]
 
 
 def test_sft_prompt_completion_text_and_conversational():
-    text = D.sft_records(rows_of([{"prompt": "Q: 2+2?", "completion": " 4", "extra": 1}]), True).to_list()
+    text = sft_records(rows_of([{"prompt": "Q: 2+2?", "completion": " 4", "extra": 1}]), True).to_list()
     assert text == [{"prompt": "Q: 2+2?", "completion": " 4"}]
-    conv = D.sft_records(rows_of([{"prompt": [user("2+2?")], "completion": [bot("4")]}]), True).to_list()
+    conv = sft_records(rows_of([{"prompt": [user("2+2?")], "completion": [bot("4")]}]), True).to_list()
     assert conv == [{"prompt": [user("2+2?")], "completion": [bot("4")]}]
 
 
 def test_sft_text():
-    assert D.sft_records(rows_of([{"text": "once upon a time"}]), True).to_list() == [{"text": "once upon a time"}]
+    assert sft_records(rows_of([{"text": "once upon a time"}]), True).to_list() == [{"text": "once upon a time"}]
 
 
 def test_sft_mixed_prompt_and_completion_types_is_an_error():
-    msg = raises(D.sft_records, rows_of([{"prompt": "q", "completion": [bot("a")]}]), True)
+    msg = raises(sft_records, rows_of([{"prompt": "q", "completion": [bot("a")]}]), True)
     assert msg.startswith("mem, line 1:") and "both be text or both be message lists" in msg
 
 
 def test_sft_last_message_must_be_assistant():
     rows = rows_of([{"messages": [user("a"), bot("b")]}, {"messages": [user("a"), bot("b"), user("c")]}])
-    msg = raises(D.sft_records, rows, True)
+    msg = raises(sft_records, rows, True)
     assert msg.startswith("mem, line 2:") and "last message must be the assistant's reply" in msg
 
 
 def test_sft_assistant_only_conversation_needs_a_prompt_turn():
-    msg = raises(D.sft_records, rows_of([{"messages": [bot("b")]}]), True)
+    msg = raises(sft_records, rows_of([{"messages": [bot("b")]}]), True)
     assert "needs a prompt turn" in msg
-    assert D.sft_records(rows_of([{"messages": [bot("b")]}]), False).to_list() == [{"messages": [bot("b")]}]
+    assert sft_records(rows_of([{"messages": [bot("b")]}]), False).to_list() == [{"messages": [bot("b")]}]
 
 
 def test_sft_bad_role_names_row_and_column():
-    msg = raises(D.sft_records, rows_of([{"messages": [{"role": "bot", "content": "x"}, bot("y")]}]), True)
+    msg = raises(sft_records, rows_of([{"messages": [{"role": "bot", "content": "x"}, bot("y")]}]), True)
     assert msg == "mem, line 1: messages[0] has role 'bot'; use one of system, user, assistant, tool"
 
 
@@ -115,18 +118,18 @@ def test_sft_bad_role_names_row_and_column():
     ],
 )
 def test_sft_wrong_types_name_the_column(row, expected):
-    msg = raises(D.sft_records, rows_of([row]), True)
+    msg = raises(sft_records, rows_of([row]), True)
     assert msg.startswith("mem, line 1: ") and expected in msg
 
 
 def test_missing_column_lists_what_is_needed_and_found():
-    msg = raises(D.sft_records, rows_of([{"question": "q", "answer": "a"}]), True)
+    msg = raises(sft_records, rows_of([{"question": "q", "answer": "a"}]), True)
     assert msg == "mem, line 1: SFT data needs columns messages or prompt+completion or text; found: question, answer"
 
 
 def test_later_row_with_missing_column_is_reported_by_line():
     rows = rows_of([{"prompt": "q", "completion": "a"}, {"prompt": "q2", "completion": "a2"}, {"prompt": "q3"}])
-    msg = raises(D.sft_records, rows, True)
+    msg = raises(sft_records, rows, True)
     assert msg.startswith("mem, line 3:") and "'completion'" in msg
 
 
@@ -134,33 +137,33 @@ def test_later_row_with_missing_column_is_reported_by_line():
 
 
 def test_rm_explicit_prompt_text_and_conversational():
-    text = D.preference_records(rows_of([{"prompt": "Q?", "chosen": " good", "rejected": " bad"}])).to_list()
+    text = preference_records(rows_of([{"prompt": "Q?", "chosen": " good", "rejected": " bad"}])).to_list()
     assert text == [{"prompt": "Q?", "chosen": " good", "rejected": " bad"}]
-    conv = D.preference_records(rows_of([{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}])).to_list()
+    conv = preference_records(rows_of([{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}])).to_list()
     assert conv == [{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
 
 
 def test_rm_implicit_prompt_is_the_shared_prefix():
-    conv = D.preference_records(rows_of([{"chosen": [user("Q?"), bot("good")], "rejected": [user("Q?"), bot("bad")]}])).to_list()
+    conv = preference_records(rows_of([{"chosen": [user("Q?"), bot("good")], "rejected": [user("Q?"), bot("bad")]}])).to_list()
     assert conv == [{"prompt": [user("Q?")], "chosen": [bot("good")], "rejected": [bot("bad")]}]
-    text = D.preference_records(rows_of([{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}])).to_list()
+    text = preference_records(rows_of([{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"}])).to_list()
     assert text == [{"prompt": "Q: sky? A:", "chosen": " blue", "rejected": " green"}]
 
 
 def test_rm_margin_column():
-    recs = D.preference_records(rows_of([{"prompt": "q", "chosen": "a", "rejected": "b", "m": 2}]), margin_column="m")
+    recs = preference_records(rows_of([{"prompt": "q", "chosen": "a", "rejected": "b", "m": 2}]), margin_column="m")
     assert recs[0]["margin"] == 2.0 and isinstance(recs[0]["margin"], float)
-    msg = raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": "b", "m": "big"}]), "m")
+    msg = raises(preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": "b", "m": "big"}]), "m")
     assert msg.startswith("mem, line 1:") and "margin column 'm' must hold a number" in msg
-    assert "must hold a number" in raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": "b"}]), "m")
+    assert "must hold a number" in raises(preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": "b"}]), "m")
 
 
 def test_rm_type_mismatch_and_missing_columns():
-    msg = raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": [bot("b")]}]))
+    msg = raises(preference_records, rows_of([{"prompt": "q", "chosen": "a", "rejected": [bot("b")]}]))
     assert "chosen and rejected must both be text or both be message lists" in msg
-    msg = raises(D.preference_records, rows_of([{"prompt": [user("q")], "chosen": "a", "rejected": "b"}]))
+    msg = raises(preference_records, rows_of([{"prompt": [user("q")], "chosen": "a", "rejected": "b"}]))
     assert "prompt, chosen and rejected must all be text or all be message lists" in msg
-    msg = raises(D.preference_records, rows_of([{"prompt": "q", "chosen": "a"}]))
+    msg = raises(preference_records, rows_of([{"prompt": "q", "chosen": "a"}]))
     assert "preference data needs columns prompt+chosen+rejected or chosen+rejected; found: prompt, chosen" in msg
 
 
@@ -174,8 +177,8 @@ def test_rm_drop_rules_with_counts(tok):
         {"prompt": "q", "chosen": "x" * 100, "rejected": "b"},
     ]
     conv = [{"prompt": [user("q")], "chosen": [bot("")], "rejected": [bot("b")]}]  # text and messages: two sets
-    kept, report = D.filter_preferences(Dataset.from_list(recs), [f"line {i}" for i in range(1, 5)], tok, max_length=50)
-    kept_conv, report_conv = D.filter_preferences(Dataset.from_list(conv), ["line 5"], tok, max_length=50)
+    kept, report = filter_preferences(Dataset.from_list(recs), [f"line {i}" for i in range(1, 5)], tok, max_length=50)
+    kept_conv, report_conv = filter_preferences(Dataset.from_list(conv), ["line 5"], tok, max_length=50)
     assert kept.select_columns(["prompt", "chosen", "rejected"]).to_list() == recs[:1] and len(kept_conv) == 0
     assert report.summary() == {"kept": 1, "dropped": {
         "chosen == rejected": 1, "chosen or rejected is empty": 1, "longer than max_length=50 tokens": 1}}
@@ -187,16 +190,16 @@ def test_rm_drop_rules_with_counts(tok):
 
 
 def test_ppo_prompt_text_conversational_and_messages():
-    assert D.prompt_records(rows_of([{"prompt": "Tell me"}])).to_list() == [{"prompt": "Tell me"}]
-    assert D.prompt_records(rows_of([{"prompt": [user("hi")]}])).to_list() == [{"prompt": [user("hi")]}]
-    recs = D.prompt_records(rows_of([{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q")]}])).to_list()
+    assert prompt_records(rows_of([{"prompt": "Tell me"}])).to_list() == [{"prompt": "Tell me"}]
+    assert prompt_records(rows_of([{"prompt": [user("hi")]}])).to_list() == [{"prompt": [user("hi")]}]
+    recs = prompt_records(rows_of([{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q")]}])).to_list()
     assert recs == [{"prompt": [user("hi")]}, {"prompt": [user("q")]}]
 
 
 def test_ppo_errors():
-    assert "no prompt turn" in raises(D.prompt_records, rows_of([{"messages": [bot("only")]}]))
-    assert "column 'prompt' is empty" in raises(D.prompt_records, rows_of([{"prompt": "  "}]))
-    assert "PPO data needs columns prompt or messages" in raises(D.prompt_records, rows_of([{"text": "x"}]))
+    assert "no prompt turn" in raises(prompt_records, rows_of([{"messages": [bot("only")]}]))
+    assert "column 'prompt' is empty" in raises(prompt_records, rows_of([{"prompt": "  "}]))
+    assert "PPO data needs columns prompt or messages" in raises(prompt_records, rows_of([{"text": "x"}]))
 
 
 def test_ppo_drops_long_prompts(tok):
@@ -204,8 +207,8 @@ def test_ppo_drops_long_prompts(tok):
 
     recs = [{"prompt": "short"}, {"prompt": "y" * 200}]
     conv = [{"prompt": [user("z" * 200)]}]  # text and messages: two sets
-    kept, report = D.filter_prompts(Dataset.from_list(recs), ["line 1", "line 2"], tok, max_length=64)
-    kept_conv, report_conv = D.filter_prompts(Dataset.from_list(conv), ["line 3"], tok, max_length=64)
+    kept, report = filter_prompts(Dataset.from_list(recs), ["line 1", "line 2"], tok, max_length=64)
+    kept_conv, report_conv = filter_prompts(Dataset.from_list(conv), ["line 3"], tok, max_length=64)
     assert kept["prompt"][:] == ["short"] and len(kept_conv) == 0
     reason = "prompt longer than max_prompt_length=64 tokens"
     assert report.summary() == {"kept": 1, "dropped": {reason: 1}} and report_conv.summary() == {"kept": 0, "dropped": {reason: 1}}
@@ -220,7 +223,7 @@ ROWS = [{"prompt": "q1", "completion": "a1"}, {"prompt": "q2", "completion": "a2
 def test_read_jsonl_labels_by_line_and_skips_blank_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n\n" + json.dumps(ROWS[1]) + "\n")
-    rows = D.read_local(str(path))
+    rows = read_local(str(path))
     assert rows.to_list() == ROWS[:2]
     assert rows.labels == ["line 1", "line 3"]
     assert rows.where(1) == f"{path}, line 3"
@@ -230,12 +233,12 @@ def test_read_json_list_and_data_key(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(ROWS))
     (tmp_path / "b.json").write_text(json.dumps({"data": ROWS}))
     for name in ("a.json", "b.json"):
-        rows = D.read_local(str(tmp_path / name))
+        rows = read_local(str(tmp_path / name))
         assert rows.to_list() == ROWS and rows.labels == ["row 1", "row 2", "row 3"]
     (tmp_path / "c.json").write_text(json.dumps({"prompt": "q"}))
-    assert "expected a JSON list of objects" in raises(D.read_local, str(tmp_path / "c.json"))
+    assert "expected a JSON list of objects" in raises(read_local, str(tmp_path / "c.json"))
     (tmp_path / "d.json").write_text('[{"prompt": "q"},\n {"prompt": }]')
-    assert raises(D.read_local, str(tmp_path / "d.json")).startswith(f"{tmp_path / 'd.json'}, line 2: malformed JSON")
+    assert raises(read_local, str(tmp_path / "d.json")).startswith(f"{tmp_path / 'd.json'}, line 2: malformed JSON")
 
 
 def test_read_parquet_conversational(tmp_path):
@@ -244,20 +247,20 @@ def test_read_parquet_conversational(tmp_path):
 
     conv = [{"messages": [user("hi"), bot("hello")]}, {"messages": [user("q"), bot("a")]}]
     pq.write_table(pa.Table.from_pylist(conv), tmp_path / "d.parquet")
-    rows = D.read_local(str(tmp_path / "d.parquet"))
+    rows = read_local(str(tmp_path / "d.parquet"))
     assert rows.to_list() == conv and rows.labels == ["row 1", "row 2"]
-    assert D.sft_records(rows, True)[1] == {"prompt": [user("q")], "completion": [bot("a")]}
+    assert sft_records(rows, True)[1] == {"prompt": [user("q")], "completion": [bot("a")]}
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
-    assert "not a readable parquet file" in raises(D.read_local, str(tmp_path / "bad.parquet"))
+    assert "not a readable parquet file" in raises(read_local, str(tmp_path / "bad.parquet"))
 
 
 def test_read_csv_rows_are_numbered_after_the_header(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text("prompt,completion\nq1,a1\n\"q, 2\",a2\n")
-    rows = D.read_local(str(path))
+    rows = read_local(str(path))
     assert rows.to_list() == [{"prompt": "q1", "completion": "a1"}, {"prompt": "q, 2", "completion": "a2"}]
     assert rows.labels == ["row 2", "row 3"]
-    msg = raises(D.sft_records, D.read_local(str(jsonl_csv(tmp_path))), True)
+    msg = raises(sft_records, read_local(str(jsonl_csv(tmp_path))), True)
     assert msg.startswith(f"{tmp_path / 'e.csv'}, row 3:") and "'completion'" in msg
 
 
@@ -271,47 +274,47 @@ def test_read_folder_concatenates_files_in_name_order(tmp_path):
     jsonl(tmp_path / "b.jsonl", ROWS[1:])
     jsonl(tmp_path / "a.jsonl", ROWS[:1])
     (tmp_path / "notes.txt").write_text("ignored")
-    rows = D.read_local(str(tmp_path))
+    rows = read_local(str(tmp_path))
     assert rows.to_list() == ROWS
     assert rows.labels == ["a.jsonl line 1", "b.jsonl line 1", "b.jsonl line 2"]
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "folder holds no .jsonl, .json, .parquet, .csv files" in raises(D.read_local, str(empty))
+    assert "folder holds no .jsonl, .json, .parquet, .csv files" in raises(read_local, str(empty))
 
 
 def test_unsupported_and_missing_files(tmp_path):
     (tmp_path / "d.txt").write_text("x")
-    assert "unsupported file type '.txt'" in raises(D.read_local, str(tmp_path / "d.txt"))
-    assert "data file not found" in raises(D.read_local, str(tmp_path / "nope.jsonl"))
+    assert "unsupported file type '.txt'" in raises(read_local, str(tmp_path / "d.txt"))
+    assert "data file not found" in raises(read_local, str(tmp_path / "nope.jsonl"))
 
 
 def test_is_local():
-    assert D.is_local(str(DEMO / "sft_train.jsonl"))
-    assert D.is_local("missing/file.parquet") and D.is_local("./x") and D.is_local("~/x")
-    assert not D.is_local("HuggingFaceH4/ultrachat_200k")
+    assert is_local(str(DEMO / "sft_train.jsonl"))
+    assert is_local("missing/file.parquet") and is_local("./x") and is_local("~/x")
+    assert not is_local("HuggingFaceH4/ultrachat_200k")
 
 
 def test_malformed_jsonl_line(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps(ROWS[1]) + "\n" + '{"prompt": "q3", "completion": }\n')
-    msg = raises(D.read_local, str(path))
+    msg = raises(read_local, str(path))
     assert msg.startswith(f"{path}, line 3: malformed JSON") and "column 32" in msg
 
 
 def test_jsonl_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps(ROWS[0]) + "\n[1, 2]\n")
-    assert raises(D.read_local, str(path)) == f"{path}, line 2: expected a JSON object per line, got list"
+    assert raises(read_local, str(path)) == f"{path}, line 2: expected a JSON object per line, got list"
 
 
 def test_non_utf8_bytes(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"prompt": "caf\xe9", "completion": "x"}\n')
-    msg = raises(D.read_local, str(path))
+    msg = raises(read_local, str(path))
     assert msg.startswith(f"{path}, line 2: not UTF-8 text (byte 15)")
     csv_path = tmp_path / "d.csv"
     csv_path.write_bytes(b"prompt,completion\ncaf\xe9,x\n")
-    assert "not UTF-8 text" in raises(D.read_local, str(csv_path))
+    assert "not UTF-8 text" in raises(read_local, str(csv_path))
 
 
 # ---------------------------------------------------------------------------- splits
@@ -319,7 +322,7 @@ def test_non_utf8_bytes(tmp_path):
 
 def test_empty_file_is_an_error(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n")
-    msg = raises(D.read_splits, DataConfig(path=str(tmp_path / "e.jsonl")), 0)
+    msg = raises(read_splits, DataConfig(path=str(tmp_path / "e.jsonl")), 0)
     assert msg == f"{tmp_path / 'e.jsonl'}: the data set is empty"
 
 
@@ -327,16 +330,16 @@ def test_empty_eval_file_is_an_error(tmp_path, tok):
     jsonl(tmp_path / "t.jsonl", ROWS)
     (tmp_path / "e.jsonl").write_text("")
     cfg = stage_cfg(sft={"data": {"path": str(tmp_path / "t.jsonl"), "eval_path": str(tmp_path / "e.jsonl")}})
-    assert raises(D.sft_data, cfg, tok) == f"{tmp_path / 'e.jsonl'}: the held-out data set is empty"
+    assert raises(sft_data, cfg, tok) == f"{tmp_path / 'e.jsonl'}: the held-out data set is empty"
 
 
 def test_eval_split_is_deterministic_disjoint_and_complete(tmp_path):
     rows = [{"text": f"row {i}"} for i in range(40)]
     jsonl(tmp_path / "t.jsonl", rows)
     data = DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.25)
-    train, held = D.read_splits(data, seed=1)
-    train2, held2 = D.read_splits(data, seed=1)
-    _, held3 = D.read_splits(data, seed=2)
+    train, held = read_splits(data, seed=1)
+    train2, held2 = read_splits(data, seed=1)
+    _, held3 = read_splits(data, seed=2)
     assert len(held) == 10 and len(train) == 30
     assert held.to_list() == held2.to_list() and train.to_list() == train2.to_list()
     assert held.to_list() != held3.to_list()
@@ -350,24 +353,24 @@ def test_eval_split_is_deterministic_disjoint_and_complete(tmp_path):
 
 def test_eval_split_needs_enough_rows_and_hub_split_names(tmp_path):
     jsonl(tmp_path / "t.jsonl", ROWS[:1])
-    msg = raises(D.read_splits, DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.5), 0)
+    msg = raises(read_splits, DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.5), 0)
     assert "too few to hold out 50%" in msg
-    msg = raises(D.read_splits, DataConfig(path=str(tmp_path / "t.jsonl"), eval_split="test"), 0)
+    msg = raises(read_splits, DataConfig(path=str(tmp_path / "t.jsonl"), eval_split="test"), 0)
     assert "names a hub split" in msg and "is a local file" in msg
 
 
 def test_no_eval_and_eval_path(tmp_path):
     jsonl(tmp_path / "t.jsonl", ROWS)
     jsonl(tmp_path / "e.jsonl", ROWS[:1])
-    train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=None), 0)
+    train, held = read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=None), 0)
     assert held is None and train.to_list() == ROWS
-    train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0)
+    train, held = read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0)
     assert train.to_list() == ROWS and held.to_list() == ROWS[:1]  # eval_path wins over the default eval_split
 
 
 def test_max_rows_applies_after_the_held_out_carve(tmp_path):
     jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(20)])
-    train, held = D.read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.5, max_rows=3), 0)
+    train, held = read_splits(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=0.5, max_rows=3), 0)
     assert len(train) == 3 and len(held) == 10
     assert not {r["text"] for r in train.to_list()} & {r["text"] for r in held.to_list()}
 
@@ -380,7 +383,7 @@ def test_sft_drops_too_long_rows_with_counts(tmp_path, tok):
             {"messages": [user("yo"), bot("fine")]}, {"messages": [user("q"), bot("z" * 300)]}]
     jsonl(tmp_path / "t.jsonl", rows)
     cfg = stage_cfg(sft={"data": {"path": str(tmp_path / "t.jsonl"), "eval_split": None}, "max_length": 64})
-    out = D.sft_data(cfg, tok)
+    out = sft_data(cfg, tok)
     assert len(out.train) == 2 and out.eval is None and out.conversational
     assert out.report == {"train": {"kept": 2, "dropped": {"longer than max_length=64 tokens": 2}}}
     assert out.train[0] == {"prompt": [user("hi")], "completion": [bot("ok")]}
@@ -389,14 +392,14 @@ def test_sft_drops_too_long_rows_with_counts(tmp_path, tok):
 def test_sft_with_every_row_too_long_is_an_error(tmp_path, tok):
     jsonl(tmp_path / "t.jsonl", [{"text": "w" * 100}, {"text": "v" * 100}])
     cfg = stage_cfg(sft={"data": {"path": str(tmp_path / "t.jsonl"), "eval_split": None}, "max_length": 16})
-    msg = raises(D.sft_data, cfg, tok)
+    msg = raises(sft_data, cfg, tok)
     assert "no usable train rows left" in msg and "2 dropped (longer than max_length=16 tokens; first: line 1, line 2)" in msg
 
 
 def test_sft_data_on_demo_files(tok):
     cfg = stage_cfg(sft={"data": {"path": str(DEMO / "sft_train.jsonl"), "eval_path": str(DEMO / "sft_eval.jsonl"),
                                   "max_rows": 8}})
-    out = D.sft_data(cfg, tok)
+    out = sft_data(cfg, tok)
     assert len(out.train) == 8 and len(out.eval) == 60 and out.conversational
     assert set(out.train.column_names) == {"prompt", "completion"}
 
@@ -406,30 +409,30 @@ def test_rm_and_ppo_data_on_demo_files(tok):
         rm={"data": {"path": str(DEMO / "rm_train.jsonl"), "eval_split": 0.1, "max_rows": 20}},
         ppo={"data": {"path": str(DEMO / "ppo_train.jsonl"), "eval_split": None}, "max_prompt_length": 30},
     )
-    rm = D.rm_data(cfg, tok)
+    rm = rm_data(cfg, tok)
     assert len(rm.train) == 20 and len(rm.eval) == 32 and rm.conversational  # 10% of the 320 demo pairs
     assert set(rm.train.column_names) == {"prompt", "chosen", "rejected"}
-    ppo = D.ppo_data(cfg, tok)
+    ppo = ppo_data(cfg, tok)
     assert ppo.conversational and ppo.eval is None
     dropped = ppo.report["train"]["dropped"].get("prompt longer than max_prompt_length=30 tokens", 0)
     assert dropped > 0 and len(ppo.train) + dropped == 200
 
 
 def test_needs_chat_template():
-    assert D.needs_chat_template(DataConfig(path=str(DEMO / "sft_train.jsonl")), 0)
+    assert needs_chat_template(DataConfig(path=str(DEMO / "sft_train.jsonl")), 0)
 
 
 def test_text_data_does_not_need_a_chat_template(tmp_path):
     jsonl(tmp_path / "t.jsonl", [{"text": f"row {i}"} for i in range(5)])
-    assert not D.needs_chat_template(DataConfig(path=str(tmp_path / "t.jsonl")), 0)
+    assert not needs_chat_template(DataConfig(path=str(tmp_path / "t.jsonl")), 0)
 
 
 def test_check_data_counts_rows_and_checks_held_out(tmp_path):
     jsonl(tmp_path / "t.jsonl", ROWS)
     jsonl(tmp_path / "e.jsonl", [{"prompt": "q"}])
-    assert D.check_data(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=None), 0, lambda r: D.sft_records(r, True)) == 3
-    msg = raises(D.check_data, DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0,
-                 lambda r: D.sft_records(r, True))
+    assert check_data(DataConfig(path=str(tmp_path / "t.jsonl"), eval_split=None), 0, lambda r: sft_records(r, True)) == 3
+    msg = raises(check_data, DataConfig(path=str(tmp_path / "t.jsonl"), eval_path=str(tmp_path / "e.jsonl")), 0,
+                 lambda r: sft_records(r, True))
     assert msg.startswith(f"{tmp_path / 'e.jsonl'}, line 1: SFT data needs columns")
 
 
@@ -441,23 +444,23 @@ def test_jsonl_values_read_as_pythons_json_reads_them(tmp_path):
     float; such files are read in Python, so every value reaches the checks as written."""
     path = jsonl(tmp_path / "d.jsonl", [{"text": "2024-01-02"}, {"text": "2024-01-03 10:00:00", "meta": 1},
                                         {"text": "x", "meta": "mixed types in a column no stage reads"}])
-    assert D.read_local(str(path)).to_list() == [
+    assert read_local(str(path)).to_list() == [
         {"text": "2024-01-02", "meta": None}, {"text": "2024-01-03 10:00:00", "meta": 1},
         {"text": "x", "meta": "mixed types in a column no stage reads"}]
-    msg = raises(D.prompt_records, D.read_local(str(jsonl(tmp_path / "n.jsonl", [{"prompt": 1.5}, {"prompt": 2}]))))
+    msg = raises(prompt_records, read_local(str(jsonl(tmp_path / "n.jsonl", [{"prompt": 1.5}, {"prompt": 2}]))))
     assert msg == f"{tmp_path / 'n.jsonl'}, line 1: column 'prompt' must be a string or a list of messages, got float"
-    msg = raises(D.prompt_records, D.read_local(str(jsonl(tmp_path / "i.jsonl", [{"prompt": 2}, {"prompt": 1.5}]))))
+    msg = raises(prompt_records, read_local(str(jsonl(tmp_path / "i.jsonl", [{"prompt": 2}, {"prompt": 1.5}]))))
     assert msg.endswith("line 1: column 'prompt' must be a string or a list of messages, got int")
     bom = tmp_path / "bom.jsonl"
     bom.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS[0]).encode() + b"\n")
-    assert raises(D.read_local, str(bom)).startswith(f"{bom}, line 1: malformed JSON (Unexpected UTF-8 BOM")
+    assert raises(read_local, str(bom)).startswith(f"{bom}, line 1: malformed JSON (Unexpected UTF-8 BOM")
 
 
 def test_needs_chat_template_reads_only_the_first_row(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n" + json.dumps({"messages": [user("a"), bot("b")]}) + "\n{not json at all\n")
-    assert D.needs_chat_template(DataConfig(path=str(path)))  # the broken line 3 is the stage's to report
-    assert raises(D.read_local, str(path)).startswith(f"{path}, line 3: malformed JSON")
+    assert needs_chat_template(DataConfig(path=str(path)))  # the broken line 3 is the stage's to report
+    assert raises(read_local, str(path)).startswith(f"{path}, line 3: malformed JSON")
 
 
 # ---------------------------------------------------------------------------- tokenized once, as TRL would
@@ -491,7 +494,7 @@ def test_trl_trains_on_the_prepared_sets_exactly_what_it_would_tokenize(tmp_path
     causal = AutoModelForCausalLM.from_pretrained(model_dir)
     for path, extra in ((str(DEMO / "sft_train.jsonl"), {"max_rows": 12}), (str(text), {}), (str(lm), {})):
         cfg = stage_cfg(sft={"data": {"path": path, "eval_split": None, **extra}, "max_length": 96})
-        data = D.sft_data(cfg, tok)
+        data = sft_data(cfg, tok)
         ours, trls = trl_view(SFTTrainer, SFTConfig, causal, data, ("input_ids", "labels"), max_length=96,
                               completion_only_loss=True if "prompt" in data.train.column_names else None)
         assert ours == trls and len(ours["input_ids"]) == len(data.train) > 0, path
@@ -499,14 +502,14 @@ def test_trl_trains_on_the_prepared_sets_exactly_what_it_would_tokenize(tmp_path
     scorer.config.pad_token_id = tok.pad_token_id
     for path, margin in ((str(DEMO / "rm_train.jsonl"), None), (str(pairs), "m")):
         cfg = stage_cfg(rm={"data": {"path": path, "eval_split": None, "max_rows": 12}, "margin_column": margin})
-        data = D.rm_data(cfg, tok)
+        data = rm_data(cfg, tok)
         ours, trls = trl_view(RewardTrainer, RewardConfig, scorer, data,
                               ("chosen_ids", "rejected_ids", *(("margin",) if margin else ())), max_length=None)
         assert ours == trls, path
     cfg = stage_cfg(rm={"data": {"path": str(DEMO / "rm_train.jsonl")}},
                     ppo={"data": {"path": str(DEMO / "ppo_train.jsonl"), "eval_split": None}})
-    data = D.ppo_data(cfg, tok)
-    texts = [D.render(tok, p) for p in data.train["prompt"]]
+    data = ppo_data(cfg, tok)
+    texts = [render(tok, p) for p in data.train["prompt"]]
     assert data.train_ids["prompt_text"][:] == texts
     assert data.train_ids["prompt_ids"][:] == [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
@@ -518,33 +521,33 @@ def test_prepared_data_is_cached_and_keyed_by_what_shapes_it(tmp_path, tok, monk
     monkeypatch.setenv("RLHF_CACHE", str(tmp_path / "cache"))
     path = jsonl(tmp_path / "t.jsonl", [{"messages": [user(f"q{i}"), bot(f"a{i}")]} for i in range(20)])
     cfg = stage_cfg(sft={"data": {"path": str(path), "eval_split": 0.25}, "max_length": 64})
-    first = D.sft_data(cfg, tok)
+    first = sft_data(cfg, tok)
     builds = []
-    real_build = D._build
-    monkeypatch.setattr(D, "_build", lambda *a, **k: builds.append(1) or real_build(*a, **k))
-    again = D.sft_data(cfg, tok)  # a rerun (or another process) loads it
+    real_build = prepare._build
+    monkeypatch.setattr(prepare, "_build", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    again = sft_data(cfg, tok)  # a rerun (or another process) loads it
     assert builds == [] and again.report == first.report and again.conversational
     assert again.train.to_list() == first.train.to_list() and again.eval_ids.to_list() == first.eval_ids.to_list()
     assert again.train.cache_files  # memory-mapped from the cache folder
-    D.sft_data(stage_cfg(sft={"data": {"path": str(path), "eval_split": 0.25}, "max_length": 32}), tok)
+    sft_data(stage_cfg(sft={"data": {"path": str(path), "eval_split": 0.25}, "max_length": 32}), tok)
     assert builds == [1]  # another length rule: prepared afresh
     jsonl(path, [{"messages": [user(f"q{i}"), bot(f"b{i}")]} for i in range(20)])
-    assert D.sft_data(cfg, tok).train[0]["completion"] == [bot("b1")] and builds == [1, 1]  # the file changed
+    assert sft_data(cfg, tok).train[0]["completion"] == [bot("b1")] and builds == [1, 1]  # the file changed
 
 
 PREPARE_IN_A_PROCESS = """
 import json, sys
 from accelerate import PartialState
 state = PartialState(cpu=True)
-from rlhf import data as D
+from rlhf.data import prepare
 from rlhf.config import ModelConfig, validate_config
 from rlhf.models import load_tokenizer
 built = []
-real_build = D._build
-D._build = lambda *a, **k: built.append(state.process_index) or real_build(*a, **k)
+real_build = prepare._build
+prepare._build = lambda *a, **k: built.append(state.process_index) or real_build(*a, **k)
 cfg = validate_config({"model": {"name_or_path": "embedded:tiny-random-llama"}, "seed": 0,
                        "sft": {"data": {"path": sys.argv[1], "eval_split": 0.1}}})
-data = D.sft_data(cfg, load_tokenizer(cfg.model))
+data = prepare.sft_data(cfg, load_tokenizer(cfg.model))
 print(json.dumps({"built": built, "train": data.train_ids["input_ids"][:], "mapped": bool(data.train_ids.cache_files)}))
 """
 

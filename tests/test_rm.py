@@ -289,7 +289,8 @@ def test_data_forms_train(tiny_sft_run, tmp_path, form):
 
 def test_margin_reaches_the_loss(tiny_sft_run):
     """rm.margin_column becomes the `margin` column RewardTrainer's collator and loss read."""
-    from rlhf.data import preference_records, Rows
+    from rlhf.data.read import Rows
+    from rlhf.data.records import preference_records
 
     rows = Rows.from_list("mem", _rows("margin", 3), ["line 1", "line 2", "line 3"])
     assert [r["margin"] for r in preference_records(rows, "strength")] == [0.0, 1.0, 2.0]
