@@ -123,7 +123,6 @@ def _read_jsonl(path: Path) -> Rows:
     in Python, which also finds and words any error."""
     import pyarrow as pa
     import pyarrow.json as paj
-    from datasets import Dataset
 
     with open(path, "rb") as f:
         bom = f.read(3) == b"\xef\xbb\xbf"
@@ -173,7 +172,6 @@ def _read_csv(path: Path) -> Rows:
 def _read_parquet(path: Path) -> Rows:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from datasets import Dataset
 
     try:
         table = pq.read_table(path)

@@ -31,10 +31,6 @@ def render(tokenizer: PreTrainedTokenizerBase, prompt: Any, completion: Any = No
     return prompt + (completion or "")
 
 
-def n_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> int:
-    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
 def _chat_texts(tokenizer, conversations: list[list[dict]], add_generation_prompt: bool = False) -> list[str]:
     if not conversations:
         return []
