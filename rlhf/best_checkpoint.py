@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.atomic import replace_dir, save_atomically
+
 log = logging.getLogger(__name__)
 
 EVALS_PER_RUN = 8
@@ -186,8 +188,6 @@ def export_adapter(trainer, out_dir: Path, criterion: Criterion) -> int | None:
 
     Copying the checkpoint's files (written by the same `trainer.save_model` as the final save,
     gathered across processes under ZeRO-3/FSDP) works whatever the distribution strategy."""
-    from rlhf.hf_trainer import save_adapter
-    from rlhf.atomic import save_atomically
 
     best = best_evaluation(trainer, criterion)
     if best is None:
@@ -231,3 +231,21 @@ def selection_report(trainer, criterion: Criterion) -> dict[str, Any]:
         "selected_by": criterion.describe(),
         "curve": [{_short(k) if k != "step" else k: v for k, v in row.items()} for row in curve],
     }
+
+
+def save_adapter(trainer, out_dir: Path) -> Path:
+    """Save the trained adapter (and score head, for the RM) with the Trainer's own logic.
+
+    Every process calls it (under ZeRO-3/FSDP saving gathers shards collectively); the main
+    process writes into a temp folder and renames it into place."""
+    state = trainer.accelerator
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if state.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    state.wait_for_everyone()
+    trainer.save_model(str(tmp))
+    state.wait_for_everyone()
+    if state.is_main_process:
+        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest records the config
+        replace_dir(tmp, out_dir)
+    return out_dir

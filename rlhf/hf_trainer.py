@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from rlhf.atomic import file_problem, replace_dir, save_atomically
+from rlhf.atomic import file_problem, save_atomically
 from rlhf.best_checkpoint import RM, SFT, auto_steps, keep_best_callback
 from rlhf.config import PipelineConfig, TrainSection
 from rlhf.models import export_dtype, model_kwargs, torch_dtype
@@ -180,24 +180,6 @@ def divergence_callback(cfg: PipelineConfig, stage: str):
                     raise diverged(state.global_step, f"{key} is {value}")
 
     return StopOnNonFinite()
-
-
-def save_adapter(trainer, out_dir: Path) -> Path:
-    """Save the trained adapter (and score head, for the RM) with the Trainer's own logic.
-
-    Every process calls it (under ZeRO-3/FSDP saving gathers shards collectively); the main
-    process writes into a temp folder and renames it into place."""
-    state = trainer.accelerator
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if state.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    state.wait_for_everyone()
-    trainer.save_model(str(tmp))
-    state.wait_for_everyone()
-    if state.is_main_process:
-        (tmp / "training_args.bin").unlink(missing_ok=True)  # a pickle; the manifest records the config
-        replace_dir(tmp, out_dir)
-    return out_dir
 
 
 def export_merged(cfg: PipelineConfig, base_path: str, adapter_dir: Path, out_dir: Path, model_cls, tokenizer, **load_kwargs) -> Path:
