@@ -176,6 +176,7 @@ def tokenizer_alone(cfg, tokenizer) -> tuple[int, int]:
 def worker(stage: str, config: str) -> dict:
     """Prepare one stage's data as the stage does; prints what it measured as one JSON line."""
     from rlhf import data as D
+    from rlhf.data import prepare
     from rlhf.config import load_config
     from rlhf.models import load_tokenizer, resolve_model
     from rlhf.stage_script import init_processes
@@ -187,8 +188,8 @@ def worker(stage: str, config: str) -> dict:
         tokenizer.padding_side = "left"
     state.wait_for_everyone()
     built = []  # whether this process prepared the data or loaded what another one prepared
-    real_build = D._build
-    D._build = lambda *a, **k: built.append(True) or real_build(*a, **k)
+    real_build = prepare._build
+    prepare._build = lambda *a, **k: built.append(True) or real_build(*a, **k)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     before, cpu0, t0 = rss_mb(), cpu_seconds(), time.perf_counter()
     if stage == "encode":
