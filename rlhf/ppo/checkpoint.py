@@ -150,10 +150,6 @@ def save_all_processes(ckpt_root: Path, step: int, roles: Roles, optimizer, sche
     state.wait_for_everyone()
 
 
-def clear_checkpoints(ckpt_root: Path) -> None:
-    shutil.rmtree(ckpt_root, ignore_errors=True)
-
-
 # ---------------------------------------------------------------------------- find and read
 
 
