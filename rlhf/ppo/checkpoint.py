@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
