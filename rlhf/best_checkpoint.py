@@ -172,7 +172,14 @@ def train(trainer, resume_from: str | None, criterion: Criterion, patience: int 
         log.info("%s: early stopping had already ended this run; exporting its best checkpoint", resume_from)
         trainer.state = TrainerState.load_from_json(str(Path(resume_from) / "trainer_state.json"))
         return
-    trainer.train(resume_from_checkpoint=resume_from)
+    from peft.helpers import disable_input_dtype_casting
+
+    # Under bf16/fp16 autocast peft's default would cast every LoRA branch's input up to the
+    # float32 of the LoRA weights, and autocast would cast it straight back down for the matmul:
+    # the same products, plus two copies per adapted layer (PPO's passes do the same: roles.use_adapter).
+    low_precision = trainer.args.bf16 or trainer.args.fp16
+    with disable_input_dtype_casting(trainer.model, active=low_precision):
+        trainer.train(resume_from_checkpoint=resume_from)
 
 
 def best_evaluation(trainer, criterion: Criterion) -> dict[str, float] | None:

@@ -17,7 +17,7 @@ from rlhf import best_checkpoint
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, sft_data
 from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
-from rlhf.models import load_tokenizer, lora_config, model_kwargs, resolve_model
+from rlhf.models import contiguous_lm_head_input, load_tokenizer, lora_config, model_kwargs, resolve_model
 from rlhf.runs import stage_run
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ STAGE = "sft"
 def run(cfg: PipelineConfig) -> Path:
     """Train the SFT adapter and export it; returns the merged model folder."""
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     stage = stage_run(cfg, STAGE)
     stage_dir = stage.dir
@@ -36,13 +36,14 @@ def run(cfg: PipelineConfig) -> Path:
     data = sft_data(cfg, tokenizer)  # user errors surface here, before the model loads
     with stage:  # manifest running -> done, or failed on any error (rlhf.runs)
         model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
+        contiguous_lm_head_input(model)  # the loss keeps only the completion's logits (sft_trainer_class)
         args = SFTConfig(
             **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
             completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,
             packing=False,
             dataset_num_proc=None,
         )
-        trainer = SFTTrainer(
+        trainer = sft_trainer_class()(
             model=model, args=args, train_dataset=data.train_ids, eval_dataset=data.eval_ids, processing_class=tokenizer,
             peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=callbacks(cfg, STAGE),
         )
@@ -61,3 +62,59 @@ def run(cfg: PipelineConfig) -> Path:
             metrics["data"] = data.report
             stage.finish(metrics, {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
     return stage_dir / "model"
+
+
+def sft_trainer_class():
+    """trl.SFTTrainer, with the loss taken from the model's own logits where TRL's fused LM head has no kernel.
+
+    TRL computes the loss through a tiled LM head (`trl.kernels.chunked_logprob`) that never builds
+    the (batch, length, vocab) logits. Off CUDA/XPU it has no Triton kernel: its torch fallback casts
+    every tile of hidden states and head weights to float32 and scores every position. On the demo's
+    CPU that was 4.5 s of an 8-s SFT step (torch.profiler); the model's plain forward (one matmul in
+    the base's dtype) and a float32 log-softmax over the label positions cost a few percent of that.
+    This is the loss every transformers Trainer computes; TRL documents overriding `compute_loss`
+    as the way to change it. Anything outside the plain case (MoE auxiliary loss, DFT, label smoothing,
+    a custom loss) goes to TRL's own path, as does every GPU."""
+    import torch
+    from trl import SFTTrainer
+
+    class SFTTrainerFullLogits(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            plain = (inputs["input_ids"].device.type == "cpu" and self.args.loss_type == "nll"
+                     and not self.aux_loss_enabled and self.label_smoother is None
+                     and self.compute_loss_func is None and "attention_mask" in inputs)
+            if not plain:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            mode = "train" if self.model.training else "eval"
+            labels = inputs["labels"]
+            # Position t predicts token t+1. Logits only at the positions from the first one that
+            # predicts a label to the last one that can: the prompts (most of the tokens in short chat
+            # data) need none, and indices (not a slice) keep the backward to one scatter.
+            has_label = (labels[:, 1:] != -100).any(0)
+            first = int(has_label.nonzero()[0, 0]) if bool(has_label.any()) else 0
+            keep = torch.arange(first, labels.shape[1] - 1, device=labels.device)
+            outputs = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False,
+                            logits_to_keep=keep)
+            targets = labels[:, first + 1:]
+            mask = targets != -100
+            log_probs = outputs.logits[mask].float().log_softmax(-1)  # (N, V), N label positions
+            token_log_probs = log_probs.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+            n_tokens = mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -token_log_probs.sum() / torch.as_tensor(n_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as TRL: DDP averages
+            with torch.no_grad():  # TRL's metrics, the same definitions
+                num_valid = self.accelerator.gather_for_metrics(mask.sum()).sum()
+                entropy = -(log_probs.exp() * log_probs).sum(-1)
+                entropy_sum = self.accelerator.gather_for_metrics(entropy.sum()).sum()
+                correct = self.accelerator.gather_for_metrics((log_probs.argmax(-1) == targets[mask]).sum()).sum()
+                self._metrics[mode]["entropy"].append((entropy_sum / num_valid).item() if num_valid > 0 else 0.0)
+                self._metrics[mode]["mean_token_accuracy"].append(
+                    (correct / num_valid).item() if num_valid > 0 else 0.0)
+                if mode == "train":
+                    tokens = self.accelerator.gather_for_metrics(inputs["attention_mask"].sum()).sum().item()
+                    self._total_train_tokens += tokens // self._tp_size
+                self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+            return (loss, outputs) if return_outputs else loss
+
+    return SFTTrainerFullLogits
