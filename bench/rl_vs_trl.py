@@ -130,8 +130,10 @@ def run_trl(a) -> dict:
     lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
                       lora_dropout=0.0, task_type="CAUSAL_LM")
     common = dict(
-        output_dir=tempfile.mkdtemp(prefix="rl-bench-trl-"), max_steps=a.steps, per_device_train_batch_size=a.prompts * a.k,
-        gradient_accumulation_steps=1, num_generations=a.k, max_completion_length=a.response_length,
+        output_dir=tempfile.mkdtemp(prefix="rl-bench-trl-"), max_steps=a.steps, per_device_train_batch_size=micro_batch(a),
+        # one generation of prompts × k completions per optimizer step, in micro-batches of micro_batch(a)
+        gradient_accumulation_steps=a.prompts * a.k // micro_batch(a), generation_batch_size=a.prompts * a.k,
+        num_generations=a.k, max_completion_length=a.response_length,
         temperature=TEMPERATURE, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, beta=beta_of(a),
         num_iterations=1, epsilon=CLIP_EPS, shuffle_dataset=False, disable_dropout=True,
         activation_checkpointing=False,  # TRL defaults gradient_checkpointing (its old name) to True; ours is off
@@ -186,7 +188,7 @@ def run_ours(a) -> dict:
     extra = {"dr_grpo": True} if a.algorithm == "grpo" and a.dr_grpo else {}
     # rollout_batch_size counts responses: a.prompts prompts × a.k samples, TRL's per-device batch
     ppo = PPOConfig(data={"path": "unused.jsonl"}, algorithm=a.algorithm, steps=a.steps,
-                    rollout_batch_size=a.prompts * a.k, samples_per_prompt=a.k, micro_batch_size=a.prompts * a.k, num_mini_batches=1, ppo_epochs=1,
+                    rollout_batch_size=a.prompts * a.k, samples_per_prompt=a.k, micro_batch_size=micro_batch(a), num_mini_batches=1, ppo_epochs=1,
                     response_length=a.response_length, learning_rate=a.lr, temperature=TEMPERATURE, clip_eps=CLIP_EPS,
                     kl_coef=beta_of(a), missing_eos_score=None, save_every=10**6, sample_every=10**6, **extra)
     t = time.perf_counter()
@@ -198,11 +200,16 @@ def run_ours(a) -> dict:
     return side_result("rlhf", a, getattr(torch, a.dtype), dt)
 
 
+def micro_batch(a) -> int:
+    """Completions per forward/backward pass, the same on both sides (default: all of a step's)."""
+    return a.micro_batch or a.prompts * a.k
+
+
 def side_result(impl: str, a, dtype, seconds: float) -> dict:
     completions = a.steps * a.prompts * a.k
     return {"impl": impl, "algorithm": a.algorithm + ("-dr" if a.algorithm == "grpo" and a.dr_grpo else ""),
             "dtype": str(dtype), "steps": a.steps, "prompts_per_step": a.prompts, "k": a.k,
-            "response_length": a.response_length, "completions": completions, "train_s": round(seconds, 3),
+            "response_length": a.response_length, "micro_batch": micro_batch(a), "completions": completions, "train_s": round(seconds, 3),
             "completions_per_s": round(completions / seconds, 4), "peak_rss_gb": peak_rss_gb(),
             "peak_gpu_gb": peak_gpu_gb()}
 
@@ -210,7 +217,7 @@ def side_result(impl: str, a, dtype, seconds: float) -> dict:
 def child_command(a, side: str, algorithm: str) -> list[str]:
     cmd = [sys.executable, __file__, "--side", side, "--algorithm", algorithm, "--config", a.config,
            "--steps", str(a.steps), "--prompts", str(a.prompts), "--k", str(a.k), "--response-length", str(a.response_length),
-           "--lr", str(a.lr), "--dtype", a.dtype]
+           "--lr", str(a.lr), "--dtype", a.dtype, "--micro-batch", str(micro_batch(a))]
     cmd += [f"--set={s}" for s in a.set] + (["--dr-grpo"] if a.dr_grpo else [])
     return cmd + (["--beta", str(a.beta)] if a.beta is not None else [])
 
@@ -251,6 +258,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8, help="prompts per step")
     ap.add_argument("--k", type=int, default=4, help="completions per prompt")
     ap.add_argument("--response-length", type=int, default=48)
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="completions per forward/backward on both sides, a divisor of prompts × k (default: all of them)")
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=None, help="KL coefficient (default: ours, RLOO 0.05, GRPO 0.04)")
     ap.add_argument("--dr-grpo", action="store_true", help="GRPO as Dr. GRPO on both sides")
@@ -263,6 +272,8 @@ def main() -> int:
     a = ap.parse_args()
     if a.k < 2:
         ap.error("--k must be at least 2 (RLOO and GRPO compare a prompt's completions)")
+    if a.micro_batch is not None and (a.micro_batch < 1 or (a.prompts * a.k) % a.micro_batch):
+        ap.error(f"--micro-batch must divide prompts × k = {a.prompts * a.k}")
     if a.side:  # a child: one side, one JSON line
         print(json.dumps(run_trl(a) if a.side == "trl" else run_ours(a)))
         return 0

@@ -27,7 +27,6 @@ STAGE = "sft"
 def run(cfg: PipelineConfig) -> Path:
     """Train the SFT adapter and export it; returns the merged model folder."""
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig
 
     stage = stage_run(cfg, STAGE)
     stage_dir = stage.dir
@@ -35,18 +34,7 @@ def run(cfg: PipelineConfig) -> Path:
     tokenizer = load_tokenizer(cfg.model, base_path, need_chat_template=needs_chat_template(cfg.sft.data, cfg.seed))
     data = sft_data(cfg, tokenizer)  # user errors surface here, before the model loads
     with stage:  # manifest running -> done, or failed on any error (rlhf.runs)
-        model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
-        contiguous_lm_head_input(model)  # the loss keeps only the completion's logits (sft_trainer_class)
-        args = SFTConfig(
-            **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
-            completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,
-            packing=False,
-            dataset_num_proc=None,
-        )
-        trainer = sft_trainer_class()(
-            model=model, args=args, train_dataset=data.train_ids, eval_dataset=data.eval_ids, processing_class=tokenizer,
-            peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=callbacks(cfg, STAGE),
-        )
+        trainer = make_trainer(cfg, base_path, tokenizer, data)
         criterion = CRITERION[STAGE]
         best_checkpoint.train(trainer, resume_checkpoint(cfg, STAGE), criterion, cfg.sft.early_stopping_patience)
         # The checkpoint of lowest held-out loss (the last state without held-out data).
@@ -62,6 +50,25 @@ def run(cfg: PipelineConfig) -> Path:
             metrics["data"] = data.report
             stage.finish(metrics, {"model": str(stage_dir / "model"), "adapter": str(stage_dir / "adapter")})
     return stage_dir / "model"
+
+
+def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
+    """The stage's SFTTrainer: the base model with a fresh LoRA adapter, the prepared data."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
+    contiguous_lm_head_input(model)  # the loss keeps only the completion's logits (sft_trainer_class)
+    args = SFTConfig(
+        **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
+        completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,
+        packing=False,
+        dataset_num_proc=None,
+    )
+    return sft_trainer_class()(
+        model=model, args=args, train_dataset=data.train_ids, eval_dataset=data.eval_ids, processing_class=tokenizer,
+        peft_config=lora_config(cfg.lora, "CAUSAL_LM"), callbacks=callbacks(cfg, STAGE),
+    )
 
 
 def sft_trainer_class():

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from tests.conftest import write_config
 from rlhf.config import load_config
 from rlhf.errors import UserError
-from rlhf.rm import encode, pairwise_metrics, score, score_pairs_with_classifier
+from rlhf.rm import TRAIN_SCORE_PAIRS, encode, pairwise_metrics, score, score_pairs_with_classifier, train_sample
 
 PAIRS = [
     {"prompt": [{"role": "user", "content": "What color is the sky?"}],
@@ -66,6 +66,18 @@ def test_pairwise_metrics_by_hand():
     assert m["chosen_std"] == pytest.approx(math.sqrt(3.6875 / 4))
     assert m["rejected_mean"] == pytest.approx(0.5)
     assert m["rejected_std"] == pytest.approx(math.sqrt(0.75))
+
+
+def test_train_sample_is_a_seeded_subset_in_file_order():
+    """The RM's training-set figures and score_mean come from at most TRAIN_SCORE_PAIRS pairs: the
+    same ones for the same seed, in file order, a different choice for another seed; all when fewer."""
+    pairs = [{"id": i} for i in range(1000)]
+    a, b, c = train_sample(pairs, 42), train_sample(pairs, 42), train_sample(pairs, 7)
+    assert len(a) == TRAIN_SCORE_PAIRS == 128 and a == b and a != c
+    ids = [p["id"] for p in a]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+    assert max(ids) > 900 and min(ids) < 100  # spread over the file, not its head
+    assert train_sample(pairs[:50], 42) == pairs[:50]
 
 
 def test_pairwise_metrics_edges():

@@ -247,3 +247,48 @@ def test_sft_on_embedded_smollm2(tmp_path):
     assert b and all(v.abs().max() > 0 for v in b)
     merged = AutoModelForCausalLM.from_pretrained(out / "model")
     assert merged.config.model_type == "llama" and merged.num_parameters() > 100_000_000
+
+
+# ---------------------------------------------------------------------------- the CPU loss path
+
+
+def _trainer_and_batch(tmp_path, overrides=None):
+    from rlhf.data import sft_data
+    from rlhf.models import load_tokenizer, resolve_model
+
+    cfg = load_config(write_config(tmp_path, overrides))
+    base = resolve_model(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, base)
+    trainer = rlhf.sft.make_trainer(cfg, base, tokenizer, sft_data(cfg, tokenizer))
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    return trainer, batch
+
+
+def _loss_grads_metrics(trainer, batch, compute_loss):
+    trainer.model.zero_grad(set_to_none=True)
+    for values in trainer._metrics["train"].values():
+        values.clear()
+    loss = compute_loss(trainer, trainer.model, dict(batch))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, {k: list(v) for k, v in trainer._metrics["train"].items()}
+
+
+def test_sft_cpu_loss_equals_trls_fused_lm_head_loss(tmp_path):
+    """On a CPU the stage computes the loss from the model's logits (TRL's fused LM head has no CPU
+    kernel); loss, LoRA gradients, entropy and token accuracy equal TRL's own computation on the
+    same batch (float32 tiny model), with prompt tokens masked out of the loss."""
+    from trl import SFTTrainer
+
+    trainer, batch = _trainer_and_batch(tmp_path)
+    trainer.model.train()
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # a completion-only batch
+    ours = _loss_grads_metrics(trainer, batch, type(trainer).compute_loss)
+    trls = _loss_grads_metrics(trainer, batch, SFTTrainer.compute_loss)
+    assert type(trainer).compute_loss is not SFTTrainer.compute_loss
+    assert torch.allclose(ours[0], trls[0], rtol=1e-5, atol=1e-6)
+    assert ours[1].keys() == trls[1].keys() and any("lora_A" in n for n in ours[1])
+    for name in ours[1]:
+        assert torch.allclose(ours[1][name], trls[1][name], rtol=1e-4, atol=1e-7), name
+    for key in ("entropy", "mean_token_accuracy"):
+        assert ours[2][key] == pytest.approx(trls[2][key], rel=1e-5), key
