@@ -87,7 +87,8 @@ def sft_trainer_class():
 
     class SFTTrainerFullLogits(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            plain = (inputs["input_ids"].device.type == "cpu" and self.args.loss_type == "nll"
+            plain = (inputs.get("labels") is not None and inputs["labels"].device.type == "cpu"
+                     and self.args.loss_type == "nll"
                      and not self.aux_loss_enabled and self.label_smoother is None
                      and self.compute_loss_func is None and "attention_mask" in inputs)
             if not plain:

@@ -32,6 +32,7 @@ from rlhf.ppo.advantages import (
 from rlhf.ppo.losses import (
     entropy_from_logits,
     explained_variance,
+    head_logprobs,
     logprobs_from_logits,
     policy_loss,
     value_loss,
@@ -338,6 +339,37 @@ def test_logprobs_from_logits_with_temperature():
     assert out.dtype == torch.float32 and out.shape == (1, 2)
     close(out, [[-0.2876821, -1.3862944]], atol=2e-2)  # bf16 input: ln3 rounds to 3 digits
     close(logprobs_from_logits(2 * logits, torch.tensor([[1, 0]]), 2.0), [[-0.2876821, -1.3862944]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_logprobs_equal_the_full_logits_path_in_value_and_gradient(dtype):
+    """Chunked through the head (3 positions per chunk of 2 × 4), log-probs, entropies and the
+    gradient to the hidden states equal log-softmax over the full logits: bit for bit in float32,
+    and under bfloat16 autocast (a bf16 base's update) too, since each chunk runs the same ops."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 4, 8, generator=g).to(dtype)
+    weight = torch.randn(11, 8, generator=g).to(dtype)
+    tokens = torch.randint(0, 11, (2, 4), generator=g)
+    upstream = torch.randn(2, 4, generator=g)
+
+    def run(chunked: bool):
+        h = hidden.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if chunked:
+                lp, ent = head_logprobs(h, weight, tokens, 0.7, with_entropy=True, chunk_rows=3)
+            else:
+                logits = F.linear(h, weight)
+                lp, ent = logprobs_from_logits(logits, tokens, 0.7), entropy_from_logits(logits.detach(), 0.7)
+        (lp * upstream).sum().backward()
+        return lp.detach(), ent, h.grad
+
+    ours, full = run(True), run(False)
+    assert ours[0].dtype == torch.float32 and ours[0].shape == (2, 4)
+    for a, b in zip(ours, full):
+        assert torch.equal(a, b)
+    assert not ours[1].requires_grad
 
 
 def test_entropy_from_logits():

@@ -37,6 +37,7 @@ __all__ = [
     "value_loss",
     "logprobs_from_logits",
     "entropy_from_logits",
+    "head_logprobs",
     "explained_variance",
 ]
 
@@ -309,6 +310,71 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     logp = logp.clamp(min=torch.finfo(logp.dtype).min)
     return -(logp.exp() * logp).sum(dim=-1)
+
+
+def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities (and entropies) of ``tokens`` from hidden states through a frozen LM head,
+    without ever holding the ``(B, T, V)`` logits.
+
+    Args:
+        hidden: ``(B, T, H)`` final hidden states (after the last norm), aligned with ``tokens``:
+            ``hidden[:, t]`` is the state that predicts ``tokens[:, t]``.
+        weight: ``(V, H)`` the LM head's weight, frozen (no gradient flows into it).
+        tokens: ``(B, T)`` token ids.
+        temperature: as :func:`logprobs_from_logits`.
+        with_entropy: also return :func:`entropy_from_logits` (detached: it is only logged).
+        chunk_rows: positions per chunk (default: ~64 MB of float32 logits per chunk).
+
+    Returns:
+        ``(B, T)`` float32 log-probabilities, with gradient to ``hidden``; ``(B, T)`` entropies
+        or None.
+
+    The same numbers as ``logprobs_from_logits(F.linear(hidden, weight), tokens, temperature)``:
+    each chunk of positions goes through exactly those functions, under the autocast state of the
+    call, and the backward pass recomputes a chunk's logits instead of keeping them. Why: the
+    float32 copies of a micro-batch's logits were the largest tensors of an update (32 responses ×
+    48 tokens × a 49k vocabulary is 0.3 GB per copy, and log-softmax, its gradient and the casts
+    hold several); this keeps one chunk's, at the cost of one more head matmul per chunk in the
+    backward (TRL's fused LM head and Liger's fused linear cross-entropy do the same).
+    """
+    flat_h = hidden.reshape(-1, hidden.shape[-1])
+    flat_t = tokens.reshape(-1)
+    rows = chunk_rows or max(1, (1 << 24) // weight.shape[0])
+    logprobs = _HeadLogprobs.apply(flat_h, weight, flat_t, temperature, rows).view(tokens.shape)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = torch.cat([entropy_from_logits(F.linear(h, weight), temperature)
+                                 for h in flat_h.detach().split(rows)]).view(tokens.shape)
+    return logprobs, entropy
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """head_logprobs' chunked forward and recomputing backward (gradient for the hidden states only)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tokens, temperature, rows):
+        device = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
+        ctx.temperature, ctx.rows = temperature, rows
+        ctx.save_for_backward(hidden, weight, tokens)
+        with torch.no_grad():
+            return torch.cat([logprobs_from_logits(F.linear(h, weight), t, temperature)
+                              for h, t in zip(hidden.split(rows), tokens.split(rows))])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, tokens = ctx.saved_tensors
+        enabled, dtype, device = ctx.autocast
+        grads = []
+        for h, t, g in zip(hidden.split(ctx.rows), tokens.split(ctx.rows), grad_out.split(ctx.rows)):
+            h = h.detach().requires_grad_()
+            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
+                lp = logprobs_from_logits(F.linear(h, weight.detach()), t, ctx.temperature)
+            (grad_h,) = torch.autograd.grad(lp, h, g)
+            grads.append(grad_h)
+        return torch.cat(grads), None, None, None, None
 
 
 def explained_variance(

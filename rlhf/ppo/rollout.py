@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from rlhf.ppo.losses import entropy_from_logits, logprobs_from_logits
+from rlhf.ppo.losses import entropy_from_logits, head_logprobs, logprobs_from_logits
 from rlhf.ppo.roles import Roles, head_forward, position_ids, use_adapter
 from rlhf.sampling import RewardFn, ScoredResponses, sample_and_score
 
@@ -41,25 +41,53 @@ class Rollout(ScoredResponses):
 
 
 def response_logprobs(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
-                      temperature: float, adapter: str | None, need_values: bool = False):
+                      temperature: float, adapter: str | None, need_values: bool = False, need_entropy: bool = False):
     """Log-probs (B, R) of the response tokens under `adapter` (None = reference), computed from
-    logits / T; plus the entropy (B, R) and, for the value-on-policy variant, values (B, R).
+    logits / T; plus the entropy (B, R) when `need_entropy` (detached; else None) and, for the
+    value-on-policy variant, values (B, R) (else None).
 
-    Only the last R + 1 positions go through the LM head (`logits_to_keep`), since the prompt's
-    next-token logits are never used. The value-on-policy variant reads the policy's final hidden
-    states detached: the value loss trains the value head only and never moves the policy adapter
-    (docs/ppo.md §2: the value loss must not send gradients into the policy)."""
+    Only the last R + 1 positions reach the LM head, since the prompt's next-token logits are never
+    used. With a plain frozen linear head (no logit scaling or soft-capping in the model's config)
+    the log-probs come from the final hidden states in chunks (losses.head_logprobs), so no
+    (B, R, V) logits are held; otherwise through the model's own forward (`logits_to_keep`). The
+    value-on-policy variant reads the policy's final hidden states detached: the value loss trains
+    the value head only and never moves the policy adapter (docs/ppo.md §2: the value loss must
+    not send gradients into the policy)."""
     R = response_ids.shape[1]
+    head = _plain_lm_head(roles.model.get_base_model())
     with use_adapter(roles.model, adapter):
-        out = roles.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
-                          use_cache=False, logits_to_keep=R + 1, output_hidden_states=need_values)
-    logits = out.logits[:, :-1]  # position P-1+t predicts response token t
-    logprobs = logprobs_from_logits(logits, response_ids, temperature)
-    values = None
-    if need_values:
-        hidden = out.hidden_states[-1][:, -R - 1:-1]
-        values = roles.value_head(hidden.detach().float()).squeeze(-1)
-    return logprobs, logits, values
+        if head is not None:
+            hidden = roles.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                    position_ids=position_ids(attention_mask), use_cache=False).last_hidden_state
+            hidden = hidden[:, -R - 1:-1]  # position P-1+t predicts response token t
+            logprobs, entropy = head_logprobs(hidden, head.weight, response_ids, temperature, need_entropy)
+        else:
+            out = roles.model(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids(attention_mask), use_cache=False, logits_to_keep=R + 1,
+                              output_hidden_states=need_values)
+            logits = out.logits[:, :-1]
+            logprobs = logprobs_from_logits(logits, response_ids, temperature)
+            entropy = entropy_from_logits(logits.detach(), temperature) if need_entropy else None
+            hidden = out.hidden_states[-1][:, -R - 1:-1] if need_values else None
+    values = roles.value_head(hidden.detach().float()).squeeze(-1) if need_values else None
+    return logprobs, entropy, values
+
+
+# Config fields with which a model scales or caps its logits after the head (as TRL's fused LM head reads them).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
+                     "logits_scaling")
+
+
+def _plain_lm_head(lm) -> torch.nn.Linear | None:
+    """The causal LM's head when logits are exactly `F.linear(final hidden, head.weight)` and it is
+    frozen; None when the model's own forward must compute them."""
+    head = lm.get_output_embeddings()
+    text = lm.config.get_text_config()
+    if type(head) is not torch.nn.Linear or head.bias is not None or head.weight.requires_grad:
+        return None
+    if any(getattr(text, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
 
 
 def token_values(roles: Roles, input_ids: torch.Tensor, attention_mask: torch.Tensor, R: int) -> torch.Tensor:
@@ -89,8 +117,8 @@ def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Ten
     for start in range(0, input_ids.shape[0], micro_batch_size):
         sl = slice(start, start + micro_batch_size)
         ids, mask, resp, rmask = input_ids[sl], attention_mask[sl], response_ids[sl], response_mask[sl]
-        logprobs, logits, values = response_logprobs(roles, ids, mask, resp, temperature, "policy",
-                                                     need_values=roles.value_on_policy)
+        logprobs, entropy, values = response_logprobs(roles, ids, mask, resp, temperature, "policy",
+                                                      need_values=roles.value_on_policy, need_entropy=True)
         ref_logprobs, _, _ = response_logprobs(roles, ids, mask, resp, temperature, None)
         if values is None and roles.has_critic:
             values = token_values(roles, ids, mask, width)
@@ -98,6 +126,6 @@ def collect_rollout(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Ten
         parts["ref_logprobs"].append(ref_logprobs.masked_fill(~rmask, 0.0))
         if values is not None:
             parts["values"].append(values.masked_fill(~rmask, 0.0))
-        parts["entropy"].append(entropy_from_logits(logits, temperature).masked_fill(~rmask, 0.0))
+        parts["entropy"].append(entropy.masked_fill(~rmask, 0.0))
     cat = {k: torch.cat(v) if v else None for k, v in parts.items()}
     return Rollout(**{f.name: getattr(sampled, f.name) for f in fields(sampled)}, **cat)
