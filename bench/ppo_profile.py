@@ -119,7 +119,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.config import LoraSection, ModelConfig
-    from rlhf.models import lora_config, model_kwargs, resolve_model, torch_dtype
+    from rlhf.models import lora_config, model_kwargs, no_grad_attn_implementation, resolve_model, torch_dtype
     from rlhf.ppo.losses import policy_loss, value_loss
     from rlhf.ppo.distributed import seed_everything
     from rlhf.ppo.roles import build_roles
@@ -135,10 +135,11 @@ def main() -> None:
     _, ids = prompts(tok, a.batch)
     seed_everything(0)
     adapter = untrained_reward_adapter(model_dir, Path(tempfile.mkdtemp(prefix="ppo-profile-rm-")), 16, 32)
-    kwargs = model_kwargs(ModelConfig(name_or_path=str(model_dir), dtype=a.dtype, attn_implementation=a.attn))
-    base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model_cfg = ModelConfig(name_or_path=str(model_dir), dtype=a.dtype, attn_implementation=a.attn)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **model_kwargs(model_cfg))
     dims = model_dims(base, 16)
-    roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter)
+    roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter,
+                        no_grad_attn=no_grad_attn_implementation(model_cfg))  # sampling's kernel, as the loop's
     q, qm = left_pad(ids, tok.pad_token_id)
     B, P, R = a.batch, q.shape[1], a.response_length
     T = P + R
@@ -147,7 +148,8 @@ def main() -> None:
     gen = {}
 
     def run_generation():
-        gen["tokens"] = generate(roles, q, qm, R, 0.7, None, tok.pad_token_id)
+        with roles.no_grad_attention():  # as rlhf.sampling.sample_and_score
+            gen["tokens"] = generate(roles, q, qm, R, 0.7, None, tok.pad_token_id)
 
     rows = []
     t_gen = best_time(run_generation, a.repeats)

@@ -65,7 +65,7 @@ def run_ours(a) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from rlhf.config import LoraSection, ModelConfig, PPOConfig
-    from rlhf.models import lora_config, model_kwargs, torch_dtype
+    from rlhf.models import lora_config, model_kwargs, no_grad_attn_implementation, torch_dtype
     from rlhf.ppo.roles import build_roles
     from rlhf.ppo.distributed import seed_everything
     from rlhf.ppo.trainer import run_loop
@@ -83,7 +83,7 @@ def run_ours(a) -> dict:
     dtype = torch_dtype(model_cfg)
     base = AutoModelForCausalLM.from_pretrained(a.model_dir, **model_kwargs(model_cfg))  # our defaults, attention included
     roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter,
-                        value_on_policy=a.value_on_policy)
+                        value_on_policy=a.value_on_policy, no_grad_attn=no_grad_attn_implementation(model_cfg))
     ppo = PPOConfig(data={"path": "unused.jsonl"}, steps=a.steps, rollout_batch_size=a.batch, micro_batch_size=a.batch,
                     num_mini_batches=1, ppo_epochs=a.ppo_epochs, response_length=a.response_length, learning_rate=1e-5,
                     temperature=0.7, missing_eos_score=None, missing_eos_penalty=1.0, save_every=10**6,

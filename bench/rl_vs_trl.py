@@ -164,7 +164,7 @@ def run_ours(a) -> dict:
 
     from rlhf.config import LoraSection, PPOConfig
     from rlhf.data import render
-    from rlhf.models import load_tokenizer, lora_config, model_kwargs, turn_end_suffix
+    from rlhf.models import load_tokenizer, lora_config, model_kwargs, no_grad_attn_implementation, turn_end_suffix
     from rlhf.ppo import trainer as loop
     from rlhf.ppo.roles import build_roles
     from rlhf.tracking import MetricsWriter
@@ -183,7 +183,8 @@ def run_ours(a) -> dict:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(d["sft_model"]), **model_kwargs(model_cfg)).to(device)
     lora = LoraSection(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=0.0, target_modules=cfg.lora.target_modules)
-    roles = build_roles(base, lora_config(lora, "CAUSAL_LM"), d["rm_adapter"], score_mean=rm_mean, critic=False)
+    roles = build_roles(base, lora_config(lora, "CAUSAL_LM"), d["rm_adapter"], score_mean=rm_mean, critic=False,
+                        no_grad_attn=no_grad_attn_implementation(model_cfg))  # as the stage builds them
     assert roles.value_head is None and "value" not in roles.model.peft_config  # the memory a critic would take
     extra = {"dr_grpo": True} if a.algorithm == "grpo" and a.dr_grpo else {}
     # rollout_batch_size counts responses: a.prompts prompts × a.k samples, TRL's per-device batch

@@ -103,14 +103,15 @@ def load_env(cfg: PipelineConfig, tokenizer, conversational: bool) -> Env:
     (identical to the reference until trained weights are loaded into it)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf.models import lora_config, model_kwargs, turn_end_suffix
+    from rlhf.models import lora_config, model_kwargs, no_grad_attn_implementation, turn_end_suffix
     from rlhf.ppo.roles import build_roles
     from rlhf.sampling import stop_token_id
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     base = AutoModelForCausalLM.from_pretrained(str(cfg.stage_dir("sft") / "model"), **model_kwargs(cfg.model)).to(device)
     # critic=False: no value adapter or head, evaluation never uses the critic.
-    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", critic=False)
+    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", critic=False,
+                        no_grad_attn=no_grad_attn_implementation(cfg.model))
     e = cfg.eval
     ppo = cfg.ppo
     return Env(cfg=cfg, tokenizer=tokenizer, roles=roles, stop_id=stop_token_id(ppo.stop_token if ppo else "eos", tokenizer), pad_id=tokenizer.pad_token_id,

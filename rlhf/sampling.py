@@ -194,7 +194,9 @@ def sample_and_score(roles: Roles, query_ids: torch.Tensor, query_mask: torch.Te
     template puts after the end-of-turn token) appended to the responses that stopped, as the
     reward model saw them in training; in micro-batches of `micro_batch_size` rows. `reward_fn`,
     if given, replaces the reward model: a rule-based or external scorer, called once on the batch."""
-    tokens = generate(roles, query_ids, query_mask, response_length, temperature, stop_id, pad_id, adapter=adapter)
+    # Sampling only: the log-probs and values PPO compares must come from the kernel the update uses.
+    with roles.no_grad_attention():
+        tokens = generate(roles, query_ids, query_mask, response_length, temperature, stop_id, pad_id, adapter=adapter)
     response_ids, response_mask, has_stop = truncate_at_stop(tokens, stop_id, pad_id)
     # Columns past the longest response are padding in every row: drop them, so every pass over
     # the batch skips them (one width for the whole batch keeps shapes identical across

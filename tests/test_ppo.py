@@ -233,6 +233,42 @@ def test_first_minibatch_ratio_one_and_kl_zero(roles_env):
     assert torch.equal(values.masked_fill(~mb.response_mask, 0), mb.values)
 
 
+def test_sampling_kernel_switch_leaves_the_compared_log_probs_on_the_training_kernel(tiny_rm_run, monkeypatch):
+    """With the CPU default (eager attention, models.no_grad_attn_implementation: sdpa for sampling),
+    only generation runs SDPA: the rollout's log-probs, the reference's and the update's recomputed
+    ones all come from eager, so a fresh policy still has KL == 0 and ratio == 1 exactly, and the
+    model is back on eager afterwards."""
+    from transformers import AutoModelForCausalLM
+
+    import rlhf.sampling
+    from rlhf.config import ModelConfig
+    from rlhf.models import no_grad_attn_implementation
+
+    assert no_grad_attn_implementation(ModelConfig()) == "sdpa"  # a CPU, attention left to us
+    assert no_grad_attn_implementation(ModelConfig(attn_implementation="eager")) is None  # the user's choice stays
+    cfg = load_config(tiny_rm_run)
+    tok = load_tokenizer(cfg.model, str(cfg.stage_dir("sft") / "model"))
+    base = AutoModelForCausalLM.from_pretrained(cfg.stage_dir("sft") / "model", attn_implementation="eager")
+    roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter",
+                        no_grad_attn="sdpa")
+    lm = roles.model.get_base_model()
+    seen = []
+    real_generate = rlhf.sampling.generate
+
+    def spy(*args, **kwargs):
+        seen.append(lm.config._attn_implementation)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf.sampling, "generate", spy)
+    ro = rollout_for(cfg, tok, roles, n=4, micro=2)
+    assert seen == ["sdpa"] and lm.config._attn_implementation == "eager"
+    assert torch.equal(ro.logprobs, ro.ref_logprobs)
+    mb = ro.select(torch.tensor([3, 0]))
+    new, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids, 0.7, "policy")
+    assert lm.config._attn_implementation == "eager"
+    assert torch.equal(new.detach().masked_fill(~mb.response_mask, 0), mb.logprobs)
+
+
 def test_bfloat16_base_keeps_trained_and_compared_tensors_float32(tiny_rm_run):
     """A bf16 base (model.dtype bfloat16, or auto on bf16 hardware): LoRA weights, heads, values and
     log-probs are float32; a fresh policy still gives KL == 0 and ratio == 1 exactly; an update

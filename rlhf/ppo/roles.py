@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from rlhf.models import contiguous_lm_head_input
+from rlhf.models import attention_implementation, contiguous_lm_head_input
 from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
 
 
@@ -51,6 +51,11 @@ class Roles:
     reward_head: nn.Linear
     value_head: nn.Linear | None  # None: no critic (the critic-free algorithms, evaluation)
     value_on_policy: bool = False  # the cheaper variant: value head on the policy adapter's hidden states
+    no_grad_attn: str | None = None  # attention kernel for sampling (models.no_grad_attn_implementation)
+
+    def no_grad_attention(self):
+        """Context: sampling runs with `no_grad_attn` (a no-op with gradients on)."""
+        return attention_implementation(self.model.get_base_model(), self.no_grad_attn)
 
     @property
     def has_critic(self) -> bool:
@@ -208,7 +213,7 @@ def centred_value_head(reward_adapter_dir: Path, hidden_size: int, score_mean: f
 
 def build_roles(
     base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False, score_mean: float = 0.0,
-    critic: bool = True,
+    critic: bool = True, no_grad_attn: str | None = None,
 ) -> Roles:
     """Wrap a loaded causal LM (`sft/model`) into the PPO roles.
 
@@ -217,7 +222,8 @@ def build_roles(
     score_head.safetensors). score_mean: the RM's training mean, which PPO subtracts from scores;
     the value head starts lowered by it (centred_value_head). critic=False: no value adapter and no
     value head (policy, reference and reward only), for the critic-free algorithms and evaluation;
-    value_on_policy is then moot."""
+    value_on_policy is then moot. no_grad_attn: the attention kernel for sampling
+    (models.no_grad_attn_implementation; None keeps the model's)."""
     from peft import get_peft_model
 
     base.requires_grad_(False)
@@ -242,7 +248,7 @@ def build_roles(
     model.eval()  # dropout off in every role, for the whole run (docs/ppo.md §5)
     if value_head is not None:
         value_head = value_head.to(device).eval()
-    return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic)
+    return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic, no_grad_attn)
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:

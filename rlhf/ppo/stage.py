@@ -86,7 +86,7 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
 
     from rlhf.data import needs_chat_template, ppo_data
     from rlhf.hf_trainer import export_merged
-    from rlhf.models import load_tokenizer, lora_config, model_kwargs, turn_end_suffix
+    from rlhf.models import load_tokenizer, lora_config, model_kwargs, no_grad_attn_implementation, turn_end_suffix
     from rlhf.ppo.algorithms import needs_critic
     from rlhf.ppo.roles import build_roles
     from rlhf.ppo.checkpoint import checkpoint_dirs, latest_resumable
@@ -131,7 +131,8 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
         base = AutoModelForCausalLM.from_pretrained(str(sft_model), **model_kwargs(cfg.model)).to(device)
         seed_everything(cfg.seed)  # the policy LoRA's random init (lora_A) must not depend on earlier RNG use
         roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy,
-                            score_mean=rm_mean, critic=needs_critic(cfg.ppo.algorithm))
+                            score_mean=rm_mean, critic=needs_critic(cfg.ppo.algorithm),
+                            no_grad_attn=no_grad_attn_implementation(cfg.model))
         tracker = Tracker(cfg, STAGE) if stage.is_main else None
         if tracker is not None:
             on_exit.callback(tracker.finish)  # also when the stage fails
