@@ -10,6 +10,7 @@ With held-out data the exported adapter is the evaluated checkpoint of lowest he
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -71,6 +72,7 @@ def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
     )
 
 
+@functools.cache  # one class, so that it can be patched and compared like TRL's
 def sft_trainer_class():
     """trl.SFTTrainer, with the loss taken from the model's own logits where TRL's fused LM head has no kernel.
 

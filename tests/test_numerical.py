@@ -156,8 +156,9 @@ def test_trainer_nan_loss_stops_with_exit_3_keeping_the_last_checkpoint(stage, t
     the stage stops right after that step (before any checkpoint of NaN weights), exit 3, marked
     failed, checkpoint-2 intact; the rerun resumes from checkpoint-2 to the uninterrupted adapter."""
     if stage == "sft":
-        from trl import SFTTrainer as Trainer
+        from rlhf.sft import sft_trainer_class
 
+        Trainer = sft_trainer_class()  # the stage's SFTTrainer subclass (its own loss on CPUs)
         config = write_config(tmp_path)
     else:
         from trl import RewardTrainer as Trainer
