@@ -16,8 +16,8 @@ each once), `prompts` prompts × `k` completions per optimizer step, one optimiz
 generation batch, in micro-batches of `--micro-batch` completions (default all of them; TRL:
 generation_batch_size = prompts × k, per_device_train_batch_size = the micro-batch, gradient
 accumulation over the rest, num_iterations 1; ours: rollout_batch_size = prompts × k responses,
-micro_batch_size = the micro-batch, one mini-batch, ppo_epochs 1), response length, temperature 0.7, learning rate with linear decay and no warm-up, clip ε 0.2, β (RLOO 0.05,
-GRPO 0.04: our defaults, passed to TRL, whose GRPO default is 0), GRPO's loss aggregation and
+micro_batch_size = the micro-batch, one mini-batch, ppo_epochs 1), response length, temperature
+0.7, learning rate with linear decay and no warm-up, clip ε 0.2, β (RLOO 0.05, GRPO 0.04: our defaults, passed to TRL, whose GRPO default is 0), GRPO's loss aggregation and
 std scaling (TRL loss_type 'grpo', scale_rewards 'group'; with --dr-grpo 'dr_grpo' and 'none'), no
 dropout, no activation checkpointing (TRL turns it on by default; ours has it off), no missing-EOS
 rule on our side (TRL has none), and the precision: `--dtype bfloat16` loads both bases in

@@ -402,17 +402,3 @@ def turn_end_suffix(tokenizer: PreTrainedTokenizerBase) -> list[int]:
         return []
     suffix = text[text.rindex(end) + len(end):]
     return tokenizer(suffix, add_special_tokens=False)["input_ids"] if suffix else []
-
-
-def contiguous_lm_head_input(lm) -> None:
-    """Make the LM head's input contiguous before the matmul.
-
-    Causal LMs slice the hidden states before the head (`logits_to_keep`, and the last position
-    while decoding). On CPU, torch multiplies such a strided 3-D view by broadcasting the
-    (V, H) head weight to (B, H, V) and copying it: with a 49k vocabulary that copy took
-    60% of a training pass and most of each decoding step. A contiguous input takes the plain
-    2-D matmul instead. The head itself still runs through the model's own forward, so
-    model-specific logit scaling or soft-capping is kept. Used by PPO's roles and SFT's loss."""
-    head = lm.get_output_embeddings()
-    if head is not None:
-        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))

@@ -32,8 +32,9 @@ Outputs under runs/<name>/rm/:
 - eval.json   held-out pair metrics (see `pairwise_metrics`), the same on the training pairs, and
               `score_mean`/`score_std` over the responses (chosen and rejected) of up to 128 training
               pairs (`TRAIN_SCORE_PAIRS`, a seeded sample) — PPO subtracts `score_mean` so that the
-              SFT policy scores about 0 — all of the exported model; with held-out pairs also `best_step`, `last_step`, `selected_by` and `curve`
-              ({step, accuracy, loss} of every evaluation during training);
+              SFT policy scores about 0 — all of the exported model; with held-out pairs also
+              `best_step`, `last_step`, `selected_by` and `curve` ({step, accuracy, loss} of every
+              evaluation during training);
 - manifest.json, metrics.jsonl (trainer logs, plus the final held-out metrics as `eval_pairs_*`),
   checkpoints/ (for resume).
 

@@ -18,7 +18,7 @@ from rlhf import best_checkpoint
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, sft_data
 from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
-from rlhf.models import contiguous_lm_head_input, load_tokenizer, lora_config, model_kwargs, resolve_model
+from rlhf.models import load_tokenizer, lora_config, model_kwargs, resolve_model
 from rlhf.runs import stage_run
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,6 @@ def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
     from trl import SFTConfig
 
     model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
-    contiguous_lm_head_input(model)  # the loss keeps only the completion's logits (sft_trainer_class)
     args = SFTConfig(
         **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
         completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,

@@ -341,30 +341,32 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tens
     flat_h = hidden.reshape(-1, hidden.shape[-1])
     flat_t = tokens.reshape(-1)
     rows = chunk_rows or max(1, (1 << 24) // weight.shape[0])
-    logprobs = _HeadLogprobs.apply(flat_h, weight, flat_t, temperature, rows).view(tokens.shape)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = torch.cat([entropy_from_logits(F.linear(h, weight), temperature)
-                                 for h in flat_h.detach().split(rows)]).view(tokens.shape)
-    return logprobs, entropy
+    logprobs, entropy = _HeadLogprobs.apply(flat_h, weight, flat_t, temperature, rows, with_entropy)
+    return logprobs.view(tokens.shape), entropy.view(tokens.shape) if with_entropy else None
 
 
 class _HeadLogprobs(torch.autograd.Function):
     """head_logprobs' chunked forward and recomputing backward (gradient for the hidden states only)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, tokens, temperature, rows):
+    def forward(ctx, hidden, weight, tokens, temperature, rows, with_entropy):
         device = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
         ctx.temperature, ctx.rows = temperature, rows
         ctx.save_for_backward(hidden, weight, tokens)
+        logprobs, entropy = [], []
         with torch.no_grad():
-            return torch.cat([logprobs_from_logits(F.linear(h, weight), t, temperature)
-                              for h, t in zip(hidden.split(rows), tokens.split(rows))])
+            for h, t in zip(hidden.split(rows), tokens.split(rows)):
+                logits = F.linear(h, weight)
+                logprobs.append(logprobs_from_logits(logits, t, temperature))
+                if with_entropy:  # from the same chunk of logits, not another head matmul
+                    entropy.append(entropy_from_logits(logits, temperature))
+        entropy = torch.cat(entropy) if with_entropy else hidden.new_empty(0, dtype=torch.float32)
+        ctx.mark_non_differentiable(entropy)
+        return torch.cat(logprobs), entropy
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_entropy):
         hidden, weight, tokens = ctx.saved_tensors
         enabled, dtype, device = ctx.autocast
         grads = []
@@ -374,7 +376,7 @@ class _HeadLogprobs(torch.autograd.Function):
                 lp = logprobs_from_logits(F.linear(h, weight.detach()), t, ctx.temperature)
             (grad_h,) = torch.autograd.grad(lp, h, g)
             grads.append(grad_h)
-        return torch.cat(grads), None, None, None, None
+        return torch.cat(grads), None, None, None, None, None
 
 
 def explained_variance(

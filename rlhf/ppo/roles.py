@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from rlhf.models import attention_implementation, contiguous_lm_head_input
+from rlhf.models import attention_implementation
 from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
 
 
@@ -243,12 +243,26 @@ def build_roles(
     # Trainable set, fixed from here on: policy LoRA, value LoRA, value head. Nothing else.
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name and (".policy." in name or ".value." in name))
-    contiguous_lm_head_input(base)
+    _contiguous_lm_head_input(base)
     device = next(base.parameters()).device
     model.eval()  # dropout off in every role, for the whole run (docs/ppo.md §5)
     if value_head is not None:
         value_head = value_head.to(device).eval()
     return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic, no_grad_attn)
+
+
+def _contiguous_lm_head_input(lm: nn.Module) -> None:
+    """Make the LM head's input contiguous before the matmul.
+
+    Causal LMs slice the hidden states before the head (`logits_to_keep`, and the last position
+    while decoding). On CPU, torch multiplies such a strided 3-D view by broadcasting the
+    (V, H) head weight to (B, H, V) and copying it: with a 49k vocabulary that copy took
+    60% of a training pass and most of each decoding step. A contiguous input takes the
+    plain 2-D matmul instead. The head itself still runs through the model's own forward,
+    so model-specific logit scaling or soft-capping is kept."""
+    head = lm.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]))
 
 
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
