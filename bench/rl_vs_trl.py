@@ -19,7 +19,9 @@ accumulation over the rest, num_iterations 1; ours: rollout_batch_size = prompts
 micro_batch_size = the micro-batch, one mini-batch, ppo_epochs 1), response length, temperature
 0.7, learning rate with linear decay and no warm-up, clip ε 0.2, β (RLOO 0.05, GRPO 0.04: our defaults, passed to TRL, whose GRPO default is 0), GRPO's loss aggregation and
 std scaling (TRL loss_type 'grpo', scale_rewards 'group'; with --dr-grpo 'dr_grpo' and 'none'), no
-dropout, no activation checkpointing (TRL turns it on by default; ours has it off), no missing-EOS
+dropout, activation checkpointing off on both sides (ours' default) or, with
+--activation-checkpointing, on on both sides (TRL's default: `activation_checkpointing` True; ours:
+model.gradient_checkpointing, non-reentrant as TRL's), no missing-EOS
 rule on our side (TRL has none), and the precision: `--dtype bfloat16` loads both bases in
 bfloat16 (TRL with bf16 mixed precision; its PEFT LoRA weights are float32, as ours), `float32`
 both in float32.
@@ -136,7 +138,7 @@ def run_trl(a) -> dict:
         num_generations=a.k, max_completion_length=a.response_length,
         temperature=TEMPERATURE, learning_rate=a.lr, lr_scheduler_type="linear", warmup_steps=0, beta=beta_of(a),
         num_iterations=1, epsilon=CLIP_EPS, shuffle_dataset=False, disable_dropout=True,
-        activation_checkpointing=False,  # TRL defaults gradient_checkpointing (its old name) to True; ours is off
+        activation_checkpointing=a.activation_checkpointing,  # TRL's default True; the same on our side
         bf16=a.dtype == "bfloat16", use_cpu=not torch.cuda.is_available(), logging_steps=1, save_strategy="no", report_to="none", seed=0,
         dataloader_num_workers=0, log_completions=False,
     )
@@ -178,13 +180,14 @@ def run_ours(a) -> dict:
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     rm_mean, rm_std = d["rm_mean"], d["rm_std"]
     tmp = Path(tempfile.mkdtemp(prefix="rl-bench-ours-"))
-    model_cfg = cfg.model.model_copy(update={"dtype": a.dtype})
+    model_cfg = cfg.model.model_copy(update={"dtype": a.dtype, "gradient_checkpointing": a.activation_checkpointing})
     loop.seed_everything(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = AutoModelForCausalLM.from_pretrained(str(d["sft_model"]), **model_kwargs(model_cfg)).to(device)
     lora = LoraSection(r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=0.0, target_modules=cfg.lora.target_modules)
     roles = build_roles(base, lora_config(lora, "CAUSAL_LM"), d["rm_adapter"], score_mean=rm_mean, critic=False,
-                        no_grad_attn=no_grad_attn_implementation(model_cfg))  # as the stage builds them
+                        no_grad_attn=no_grad_attn_implementation(model_cfg),
+                        activation_checkpointing=model_cfg.gradient_checkpointing)  # as the stage builds them
     assert roles.value_head is None and "value" not in roles.model.peft_config  # the memory a critic would take
     extra = {"dr_grpo": True} if a.algorithm == "grpo" and a.dr_grpo else {}
     # rollout_batch_size counts responses: a.prompts prompts × a.k samples, TRL's per-device batch
@@ -210,7 +213,8 @@ def side_result(impl: str, a, dtype, seconds: float) -> dict:
     completions = a.steps * a.prompts * a.k
     return {"impl": impl, "algorithm": a.algorithm + ("-dr" if a.algorithm == "grpo" and a.dr_grpo else ""),
             "dtype": str(dtype), "steps": a.steps, "prompts_per_step": a.prompts, "k": a.k,
-            "response_length": a.response_length, "micro_batch": micro_batch(a), "completions": completions, "train_s": round(seconds, 3),
+            "response_length": a.response_length, "micro_batch": micro_batch(a),
+            "activation_checkpointing": a.activation_checkpointing, "completions": completions, "train_s": round(seconds, 3),
             "completions_per_s": round(completions / seconds, 4), "peak_rss_gb": peak_rss_gb(),
             "peak_gpu_gb": peak_gpu_gb()}
 
@@ -220,6 +224,7 @@ def child_command(a, side: str, algorithm: str) -> list[str]:
            "--steps", str(a.steps), "--prompts", str(a.prompts), "--k", str(a.k), "--response-length", str(a.response_length),
            "--lr", str(a.lr), "--dtype", a.dtype, "--micro-batch", str(micro_batch(a))]
     cmd += [f"--set={s}" for s in a.set] + (["--dr-grpo"] if a.dr_grpo else [])
+    cmd += ["--activation-checkpointing"] if a.activation_checkpointing else []
     return cmd + (["--beta", str(a.beta)] if a.beta is not None else [])
 
 
@@ -264,6 +269,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=None, help="KL coefficient (default: ours, RLOO 0.05, GRPO 0.04)")
     ap.add_argument("--dr-grpo", action="store_true", help="GRPO as Dr. GRPO on both sides")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="activation checkpointing on both sides (TRL's default; off by default here, as ours)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="both bases' dtype (bf16 where the hardware has it, float32 otherwise)")
     ap.add_argument("--skip-ours", action="store_true", help="run TRL's side only")

@@ -78,7 +78,11 @@ class ModelConfig(Section):
         None, description="Attention kernel (sdpa, flash_attention_2, eager); null: eager on CPUs (measured faster "
         "to train there: CPU SDPA's backward is ~10x its forward), transformers' choice (sdpa) on GPUs."
     )
-    gradient_checkpointing: bool = _field(False, description="Trade compute for activation memory in training.")
+    gradient_checkpointing: bool = _field(
+        False, description="Activation checkpointing in every training pass (SFT, RM, the stage-3 updates): each "
+        "decoder layer keeps only its input and is recomputed in the backward pass, for one more forward per update "
+        "and far less activation memory. Sampling and scoring are unaffected; the results are the same."
+    )
     export_dtype: Literal["float32", "bfloat16", "float16"] = _field(
         "float32",
         description="Dtype of the merged model/ folders. float32 keeps the trained LoRA update: rounding W + ΔW to "

@@ -25,7 +25,8 @@ from tests.conftest import write_config
 
 
 def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32,
-               score_mean: float = 0.0, algorithm: str = "ppo", overrides: tuple[str, ...] = ()):
+               score_mean: float = 0.0, algorithm: str = "ppo", overrides: tuple[str, ...] = (),
+               activation_checkpointing: bool = False):
     """The roles as the stage builds them for `algorithm` (a critic for ppo only); cfg has ppo.algorithm
     and `overrides` set."""
     from transformers import AutoModelForCausalLM
@@ -38,7 +39,8 @@ def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype)
     roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy,
-                        score_mean=score_mean, critic=needs_critic(algorithm))
+                        score_mean=score_mean, critic=needs_critic(algorithm),
+                        activation_checkpointing=activation_checkpointing)
     return cfg, tok, roles
 
 
@@ -547,6 +549,42 @@ def test_critic_free_update_moves_the_policy_towards_the_better_responses(tiny_r
     moved = (weights * change).sum().item()
     assert moved > 0, moved
     assert change.abs().max() > 1e-4  # the step did move the policy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_checkpointing_gives_the_same_update_and_keeps_fewer_activations(tiny_rm_run, dtype):
+    """model.gradient_checkpointing in stage 3: PPO's policy and value updates (two adapters, each
+    backward recomputing its layers) give the same weights as without it, while a policy forward keeps
+    a fraction of the activations. Recomputing in the backward with the adapter active at that time
+    (not the one of the forward) would change the value adapter's gradients; dropout stays off."""
+    from rlhf.ppo.trainer import make_optimizer, ppo_update
+
+    def saved_bytes(roles, ro):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with roles.training_pass("policy"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            response_logprobs(roles, ro.input_ids, ro.attention_mask, ro.response_ids, 0.7, "policy")
+        return sum(total)
+
+    trained, kept = [], []
+    for checkpointing in (False, True):
+        cfg, tok, roles = make_roles(tiny_rm_run, dtype=dtype, activation_checkpointing=checkpointing)
+        ppo = cfg.ppo.model_copy(update={"ppo_epochs": 1, "rollout_batch_size": 4, "num_mini_batches": 1,
+                                         "micro_batch_size": 2})
+        ro = rollout_for(cfg, tok, roles, n=4, micro=2)
+        scores = final_scores(ro.scores, ro.has_stop, ppo, rm_mean=0.0)
+        targets = compute_targets(ro, scores, ppo, ppo.kl_coef)
+        optimizer, scheduler = make_optimizer(roles, ppo, 1)
+        kept.append(saved_bytes(roles, ro))
+        ppo_update(roles, ro, targets, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
+        assert not any(m.training for m in roles.model.modules())
+        trained.append([p.detach().clone() for p in roles.policy_parameters() + roles.value_parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*trained))
+    assert kept[1] < kept[0] / 3, kept
 
 
 # ---------------------------------------------------------------------------- resume and health

@@ -52,10 +52,32 @@ class Roles:
     value_head: nn.Linear | None  # None: no critic (the critic-free algorithms, evaluation)
     value_on_policy: bool = False  # the cheaper variant: value head on the policy adapter's hidden states
     no_grad_attn: str | None = None  # attention kernel for sampling (models.no_grad_attn_implementation)
+    activation_checkpointing: bool = False  # recompute the decoder layers in the updates' backward passes
 
     def no_grad_attention(self):
         """Context: sampling runs with `no_grad_attn` (a no-op with gradients on)."""
         return attention_implementation(self.model.get_base_model(), self.no_grad_attn)
+
+    @contextlib.contextmanager
+    def training_pass(self, adapter: str) -> Iterator[None]:
+        """Context for one update's forward *and* backward with `adapter`: the backward runs with the
+        adapter that built the graph, and with `activation_checkpointing` the decoder layers keep only
+        their inputs and are recomputed in the backward.
+
+        The recomputation happens inside `loss.backward()`, after the forward's `use_adapter` has
+        switched the adapters back: without this context it would recompute another adapter's
+        function (the value adapter's layers for a policy loss). transformers checkpoints a layer only
+        while the layer itself is in training mode; the flag is set on the decoder layers alone, not
+        on their children, so dropout stays off as everywhere in stage 3 (build_roles)."""
+        layers = _checkpointed_layers(self.model) if self.activation_checkpointing else []
+        try:
+            for layer in layers:
+                layer.training = True  # the layer object only: nn.Module.train() would recurse
+            with _adapter_flags(self.model, adapter):
+                yield
+        finally:
+            for layer in layers:
+                layer.training = False
 
     @property
     def has_critic(self) -> bool:
@@ -83,6 +105,38 @@ def _tuner_layers(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
+def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers that transformers' activation checkpointing was enabled on."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+
+
+def _low_precision(model: nn.Module) -> bool:
+    return next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def _adapter_flags(model: nn.Module, name: str | None) -> Iterator[None]:
+    """Only adapter `name` active (None: every adapter off), peft's input casting off for a
+    low-precision base (see use_adapter); restores the previous flags. No autocast."""
+    layers = _tuner_layers(model)
+    saved = [(m._active_adapter, m._disable_adapters, m.cast_input_dtype_enabled) for m in layers]
+    low_precision = _low_precision(model)
+    try:
+        for m in layers:
+            if name is None:
+                m._disable_adapters = True
+            else:
+                m._active_adapter = [name]
+                m._disable_adapters = False
+            m.cast_input_dtype_enabled = not low_precision
+        yield
+    finally:
+        for m, (active, disabled, cast) in zip(layers, saved):
+            m._active_adapter, m._disable_adapters, m.cast_input_dtype_enabled = active, disabled, cast
+
+
 @contextlib.contextmanager
 def use_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
     """Run the block with only adapter `name` active (None: all adapters off = the reference model).
@@ -94,23 +148,10 @@ def use_adapter(model: nn.Module, name: str | None) -> Iterator[None]:
     upcasting every activation to float32. LoRA weights, their gradients and the optimizer stay
     float32, as in any mixed-precision training (measured on the embedded model on CPU: a policy
     training pass takes 20% less time). A float32 base runs exactly as before."""
-    layers = _tuner_layers(model)
-    saved = [(m._active_adapter, m._disable_adapters, m.cast_input_dtype_enabled) for m in layers]
     param = next(model.parameters())
-    low_precision = param.dtype in (torch.bfloat16, torch.float16)
-    try:
-        for m in layers:
-            if name is None:
-                m._disable_adapters = True
-            else:
-                m._active_adapter = [name]
-                m._disable_adapters = False
-            m.cast_input_dtype_enabled = not low_precision
-        with torch.autocast(param.device.type, dtype=param.dtype, enabled=low_precision):
-            yield
-    finally:
-        for m, (active, disabled, cast) in zip(layers, saved):
-            m._active_adapter, m._disable_adapters, m.cast_input_dtype_enabled = active, disabled, cast
+    with _adapter_flags(model, name), torch.autocast(param.device.type, dtype=param.dtype,
+                                                     enabled=_low_precision(model)):
+        yield
 
 
 @contextlib.contextmanager
@@ -213,7 +254,7 @@ def centred_value_head(reward_adapter_dir: Path, hidden_size: int, score_mean: f
 
 def build_roles(
     base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False, score_mean: float = 0.0,
-    critic: bool = True, no_grad_attn: str | None = None,
+    critic: bool = True, no_grad_attn: str | None = None, activation_checkpointing: bool = False,
 ) -> Roles:
     """Wrap a loaded causal LM (`sft/model`) into the PPO roles.
 
@@ -223,7 +264,9 @@ def build_roles(
     the value head starts lowered by it (centred_value_head). critic=False: no value adapter and no
     value head (policy, reference and reward only), for the critic-free algorithms and evaluation;
     value_on_policy is then moot. no_grad_attn: the attention kernel for sampling
-    (models.no_grad_attn_implementation; None keeps the model's)."""
+    (models.no_grad_attn_implementation; None keeps the model's). activation_checkpointing
+    (`model.gradient_checkpointing`): the updates recompute each decoder layer in their backward
+    instead of keeping its activations (Roles.training_pass); sampling and scoring are unchanged."""
     from peft import get_peft_model
 
     base.requires_grad_(False)
@@ -244,11 +287,18 @@ def build_roles(
     for name, p in model.named_parameters():
         p.requires_grad_("lora_" in name and (".policy." in name or ".value." in name))
     _contiguous_lm_head_input(base)
+    if activation_checkpointing:
+        # Non-reentrant: restores autocast in the recompute and needs no input that requires grad,
+        # so the embedding hook transformers adds for reentrant checkpointing goes (it would make
+        # every backward differentiate down to the frozen embeddings).
+        base.activation_checkpointing_enable({"use_reentrant": False})
+        base.disable_input_require_grads()
     device = next(base.parameters()).device
     model.eval()  # dropout off in every role, for the whole run (docs/ppo.md §5)
     if value_head is not None:
         value_head = value_head.to(device).eval()
-    return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic, no_grad_attn)
+    return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic, no_grad_attn,
+                 activation_checkpointing)
 
 
 def _contiguous_lm_head_input(lm: nn.Module) -> None:

@@ -104,30 +104,37 @@ def ppo_update(roles: Roles, rollout: Rollout, targets: Targets, optimizer, sche
                 mb = rollout.select(idx)
                 mask = mb.response_mask
                 vf = vf_stats = None
+                # Each forward and its backward run in one training_pass, with the adapter that built the
+                # graph (activation checkpointing recomputes the layers inside backward()).
                 if not roles.has_critic:
-                    new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
-                                                           ppo.temperature, "policy")
-                    pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
-                    _backward(pg / n_micro, pg, None, agreement)
+                    with roles.training_pass("policy"):
+                        new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask,
+                                                               mb.response_ids, ppo.temperature, "policy")
+                        pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
+                        _backward(pg / n_micro, pg, None, agreement)
                 elif roles.value_on_policy:
                     # One forward gives logits and values; the value's gradient stops at the policy's
                     # features, so this joint backward trains the policy with the policy loss alone.
-                    new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask,
-                                                                    mb.response_ids, ppo.temperature, "policy", True)
-                    pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
-                    vf, vf_stats = value_loss(new_values, mb.values, targets.returns[idx], mask, ppo.value_clip)
-                    _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf, agreement)
+                    with roles.training_pass("policy"):
+                        new_logprobs, _, new_values = response_logprobs(roles, mb.input_ids, mb.attention_mask,
+                                                                        mb.response_ids, ppo.temperature, "policy",
+                                                                        True)
+                        pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
+                        vf, vf_stats = value_loss(new_values, mb.values, targets.returns[idx], mask, ppo.value_clip)
+                        _backward((pg + ppo.vf_coef * vf) / n_micro, pg, vf, agreement)
                 else:
                     # Separate adapters, separate graphs: backward each before building the next, so
                     # only one model's activations are alive at a time (the gradients are the same).
-                    new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask, mb.response_ids,
-                                                           ppo.temperature, "policy")
-                    pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
-                    _backward(pg / n_micro, pg, None, agreement)
-                    del new_logprobs
-                    new_values = token_values(roles, mb.input_ids, mb.attention_mask, R)
-                    vf, vf_stats = value_loss(new_values, mb.values, targets.returns[idx], mask, ppo.value_clip)
-                    _backward(ppo.vf_coef * vf / n_micro, pg, vf, agreement)
+                    with roles.training_pass("policy"):
+                        new_logprobs, _, _ = response_logprobs(roles, mb.input_ids, mb.attention_mask,
+                                                               mb.response_ids, ppo.temperature, "policy")
+                        pg, pg_stats = policy_objective(new_logprobs, mb, targets, idx, ppo, kl_coef)
+                        _backward(pg / n_micro, pg, None, agreement)
+                        del new_logprobs
+                    with roles.training_pass("value"):
+                        new_values = token_values(roles, mb.input_ids, mb.attention_mask, R)
+                        vf, vf_stats = value_loss(new_values, mb.values, targets.returns[idx], mask, ppo.value_clip)
+                        _backward(ppo.vf_coef * vf / n_micro, pg, vf, agreement)
                 step_stats = {"pg_loss": pg_stats.get("pg_loss", pg), "approxkl": pg_stats["approxkl"],
                               "clipfrac": pg_stats["clipfrac"], "ratio": pg_stats["ratio_mean"]}
                 if "kl" in pg_stats:  # GRPO's KL loss term
