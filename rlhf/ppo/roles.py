@@ -70,14 +70,15 @@ class Roles:
         while the layer itself is in training mode; the flag is set on the decoder layers alone, not
         on their children, so dropout stays off as everywhere in stage 3 (build_roles)."""
         layers = _checkpointed_layers(self.model) if self.activation_checkpointing else []
+        saved = [layer.training for layer in layers]
         try:
             for layer in layers:
                 layer.training = True  # the layer object only: nn.Module.train() would recurse
             with _adapter_flags(self.model, adapter):
                 yield
         finally:
-            for layer in layers:
-                layer.training = False
+            for layer, training in zip(layers, saved):
+                layer.training = training
 
     @property
     def has_critic(self) -> bool:
