@@ -1,6 +1,7 @@
 """Our critic-free stage 3 (ppo.algorithm rloo / grpo) against TRL 1.16's RLOOTrainer and GRPOTrainer.
 
     .venv/bin/python bench/rl_vs_trl.py --config pipeline.yaml            # after `rlhf sft` and `rlhf rm`
+    .venv/bin/python bench/rl_vs_trl.py --config pipeline.yaml --no-activation-checkpointing   # off on both sides
     .venv/bin/python bench/rl_vs_trl.py --config configs/tiny.yaml --steps 1 --prompts 2 --k 2 --response-length 8
     .venv/bin/python bench/rl_vs_trl.py --config pipeline.yaml --algorithms grpo --dtype float32 --skip-ours
 
@@ -19,9 +20,9 @@ accumulation over the rest, num_iterations 1; ours: rollout_batch_size = prompts
 micro_batch_size = the micro-batch, one mini-batch, ppo_epochs 1), response length, temperature
 0.7, learning rate with linear decay and no warm-up, clip ε 0.2, β (RLOO 0.05, GRPO 0.04: our defaults, passed to TRL, whose GRPO default is 0), GRPO's loss aggregation and
 std scaling (TRL loss_type 'grpo', scale_rewards 'group'; with --dr-grpo 'dr_grpo' and 'none'), no
-dropout, activation checkpointing off on both sides (ours' default) or, with
---activation-checkpointing, on on both sides (TRL's default: `activation_checkpointing` True; ours:
-model.gradient_checkpointing, non-reentrant as TRL's), no missing-EOS
+dropout, activation checkpointing on on both sides by default (TRL's default, `activation_checkpointing`
+True; ours: model.gradient_checkpointing, non-reentrant as TRL's) or, with
+--no-activation-checkpointing, off on both (our stages' default), no missing-EOS
 rule on our side (TRL has none), and the precision: `--dtype bfloat16` loads both bases in
 bfloat16 (TRL with bf16 mixed precision; its PEFT LoRA weights are float32, as ours), `float32`
 both in float32.
@@ -224,7 +225,7 @@ def child_command(a, side: str, algorithm: str) -> list[str]:
            "--steps", str(a.steps), "--prompts", str(a.prompts), "--k", str(a.k), "--response-length", str(a.response_length),
            "--lr", str(a.lr), "--dtype", a.dtype, "--micro-batch", str(micro_batch(a))]
     cmd += [f"--set={s}" for s in a.set] + (["--dr-grpo"] if a.dr_grpo else [])
-    cmd += ["--activation-checkpointing"] if a.activation_checkpointing else []
+    cmd += ["--activation-checkpointing" if a.activation_checkpointing else "--no-activation-checkpointing"]
     return cmd + (["--beta", str(a.beta)] if a.beta is not None else [])
 
 
@@ -269,8 +270,8 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--beta", type=float, default=None, help="KL coefficient (default: ours, RLOO 0.05, GRPO 0.04)")
     ap.add_argument("--dr-grpo", action="store_true", help="GRPO as Dr. GRPO on both sides")
-    ap.add_argument("--activation-checkpointing", action="store_true",
-                    help="activation checkpointing on both sides (TRL's default; off by default here, as ours)")
+    ap.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                    help="activation checkpointing on both sides (default on: TRL's default; ours: model.gradient_checkpointing)")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
                     help="both bases' dtype (bf16 where the hardware has it, float32 otherwise)")
     ap.add_argument("--skip-ours", action="store_true", help="run TRL's side only")

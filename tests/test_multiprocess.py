@@ -368,9 +368,10 @@ def test_sigkill_of_one_process_stops_the_others_and_a_rerun_resumes_to_the_unbr
     assert max_diff(unbroken.parent / "runs" / "tiny" / adapter, config.parent / "runs" / "tiny" / adapter) <= 1e-6
 
 
-def test_critic_free_stage_with_two_processes(tiny_rm_run, tmp_path):
-    """`ppo.algorithm: rloo` on 2 gloo processes (the PPO stage alone, SFT and RM copied): what the PPO run
-    above checks (each step logged once, episodes of both processes, identical weights at every
+@pytest.mark.parametrize("algorithm", ["rloo", "grpo", "reinforce_pp"])
+def test_critic_free_stage_with_two_processes(tiny_rm_run, tmp_path, algorithm):
+    """Each critic-free `ppo.algorithm` on 2 gloo processes (the PPO stage alone, SFT and RM copied):
+    what the PPO run above checks (each step logged once, episodes of both processes, identical weights at every
     checkpoint, per-process RNG, the adapter loads), and a prompt's k samples stay on one process: the
     main process's samples table holds its own share of each step's prompts, k times each in a row."""
     from peft import PeftModel
@@ -385,7 +386,7 @@ def test_critic_free_stage_with_two_processes(tiny_rm_run, tmp_path):
     config = _ppo_only(tiny_rm_run, tmp_path)
     # the RM's scores alone (equal missing-EOS scores would leave RLOO nothing to train, and identical
     # weights would then prove nothing)
-    overrides = ["ppo.algorithm=rloo", "ppo.missing_eos_score=null"]
+    overrides = [f"ppo.algorithm={algorithm}", "ppo.missing_eos_score=null"]
     proc = _run_all_2(config, extra=[a for o in overrides for a in ("--set", o)])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     cfg = load_config(config, overrides)
