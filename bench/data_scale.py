@@ -17,8 +17,9 @@ What it times, each in a fresh subprocess (so that its peak resident memory is i
 - sft, rm, ppo: from the tokenizer being loaded to the data set the trainer starts training on:
   the stage's data function (`rlhf.data.sft_data` / `rm_data` / `ppo_data`: reading, checking, the
   held-out carve, the drop rules, tokenizing) and then what the trainer still does to it before
-  its first step: `SFTTrainer._prepare_dataset` / `RewardTrainer._prepare_dataset` run on a stand-in
-  trainer (the code path their `__init__` runs, without loading the model), and for PPO the prompt
+  its first step: `RewardTrainer._prepare_dataset` run on a stand-in trainer (the code path its
+  `__init__` runs, without loading the model; SFTTrainer skips its preparation, since the stage hands
+  it the labels, truncated: `rlhf.sft.TRL_DATASET_KWARGS`), and for PPO the prompt
   token ids the stage hands its loop. The tokenizer is the config's model's (the embedded SmolLM2
   by default). The data cache starts empty for every timed run (a fresh RLHF_CACHE).
 
@@ -151,6 +152,11 @@ def trl_prepare(stage: str, dataset, tokenizer, cfg):
     out = str(Path(cfg.run_dir) / "bench-trl")
     if stage == "sft":
         from trl import SFTConfig, SFTTrainer
+
+        from rlhf.sft import TRL_DATASET_KWARGS
+
+        if TRL_DATASET_KWARGS.get("skip_prepare_dataset"):  # the stage hands SFTTrainer labels, truncated
+            return dataset
 
         args = SFTConfig(output_dir=out, max_length=cfg.sft.max_length, packing=False, dataset_num_proc=None,
                          report_to="none", completion_only_loss=cfg.sft.completion_only_loss, bf16=False)

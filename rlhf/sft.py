@@ -23,6 +23,9 @@ from rlhf.runs import stage_run
 
 log = logging.getLogger(__name__)
 STAGE = "sft"
+# The prepared sets hold TRL's input_ids and labels, truncated (rlhf.data.tokens.sft_token_ids):
+# TRL's own label, truncation and filter passes would only copy them, token by token in Python.
+TRL_DATASET_KWARGS = {"skip_prepare_dataset": True}
 
 
 def run(cfg: PipelineConfig) -> Path:
@@ -64,6 +67,7 @@ def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
         completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,
         packing=False,
         dataset_num_proc=None,
+        dataset_kwargs=TRL_DATASET_KWARGS,
     )
     return sft_trainer_class()(
         model=model, args=args, train_dataset=data.train_ids, eval_dataset=data.eval_ids, processing_class=tokenizer,

@@ -467,13 +467,19 @@ def test_needs_chat_template_reads_only_the_first_row(tmp_path):
 
 
 def test_trl_trains_on_the_prepared_sets_exactly_what_it_would_tokenize(tmp_path, tok):
-    """SFTTrainer and RewardTrainer skip tokenizing a set that has token ids: the ids and labels
-    they end up with from our prepared sets equal what their own tokenization of the records gives,
-    for conversational and text rows; PPO's prompt ids are the rendered prompt's tokens."""
+    """The ids and labels the trainers end up with from our prepared sets equal what their own
+    preparation of the records gives, for conversational and text rows: SFTTrainer with its
+    preparation skipped, as the SFT stage runs it (our labels and truncation stand in for TRL's,
+    including a row whose EOS the truncation cuts and, with a tokenizer that adds BOS, a row left
+    with no label, which both drop); RewardTrainer skipping its tokenization of a set that has
+    token ids. PPO's prompt ids are the rendered prompt's tokens."""
+    import copy
+
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 
     from rlhf.models import resolve_model
+    from rlhf.sft import TRL_DATASET_KWARGS
 
     model_dir = resolve_model(ModelConfig(name_or_path="embedded:tiny-random-llama"))
     convs = [json.loads(line) for line in (DEMO / "sft_train.jsonl").read_text().splitlines()[:12]]
@@ -483,21 +489,43 @@ def test_trl_trains_on_the_prepared_sets_exactly_what_it_would_tokenize(tmp_path
     pairs = jsonl(tmp_path / "pairs.jsonl", [{"chosen": f"Q{i}: sky? A: blue", "rejected": f"Q{i}: sky? A: green", "m": i}
                                              for i in range(6)])
 
-    def trl_view(trainer_cls, args_cls, model, data, columns, **kwargs):
-        args = args_cls(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **kwargs)
+    def trl_view(trainer_cls, args_cls, model, data, columns, ours=None, tokenizer=tok, **kwargs):
         views = []
-        for train in (data.train, data.train_ids):
-            trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tok)
+        for train, extra in ((data.train_ids, ours or {}), (data.train, {})):
+            args = args_cls(output_dir=str(tmp_path / "out"), report_to="none", use_cpu=True, **kwargs, **extra)
+            trainer = trainer_cls(model=model, args=args, train_dataset=train, processing_class=tokenizer)
             views.append({c: trainer.train_dataset[c][:] for c in columns})
         return views
 
     causal = AutoModelForCausalLM.from_pretrained(model_dir)
-    for path, extra in ((str(DEMO / "sft_train.jsonl"), {"max_rows": 12}), (str(text), {}), (str(lm), {})):
-        cfg = stage_cfg(sft={"data": {"path": path, "eval_split": None, **extra}, "max_length": 96})
-        data = sft_data(cfg, tok)
-        ours, trls = trl_view(SFTTrainer, SFTConfig, causal, data, ("input_ids", "labels"), max_length=96,
+
+    def sft_views(path, max_length, tokenizer=tok, **extra):
+        cfg = stage_cfg(sft={"data": {"path": path, "eval_split": None, **extra}, "max_length": max_length})
+        data = sft_data(cfg, tokenizer)
+        ours, trls = trl_view(SFTTrainer, SFTConfig, causal, data, ("input_ids", "labels"),
+                              {"dataset_kwargs": TRL_DATASET_KWARGS},
+                              tokenizer, max_length=max_length,
                               completion_only_loss=True if "prompt" in data.train.column_names else None)
         assert ours == trls and len(ours["input_ids"]) == len(data.train) > 0, path
+        return data, ours
+
+    for path, extra in ((str(DEMO / "sft_train.jsonl"), {"max_rows": 12}), (str(text), {}), (str(lm), {})):
+        sft_views(path, 96, **extra)
+    # max_length = the longest text row's length as the length rule counts it (no EOS): the row is
+    # kept and its EOS truncated away, as TRL's truncation does
+    longest = max(len(tok(c["messages"][0]["content"] + "\nA: " + c["messages"][-1]["content"])["input_ids"])
+                  for c in convs)
+    _, ours = sft_views(str(text), longest)
+    assert max(len(x) for x in ours["input_ids"]) == longest and ours["labels"][-1][-1] != -100
+    # A tokenizer that adds BOS: a one-token completion at max_length is cut away with the EOS.
+    bos = copy.deepcopy(tok)
+    bos.add_bos_token = True
+    short = jsonl(tmp_path / "short.jsonl", [{"prompt": "Q: sky?\nA:", "completion": " blue"},
+                                             {"prompt": "Q: sky colour?\nA", "completion": ":"}])
+    limit = len(tok("Q: sky colour?\nA:")["input_ids"])
+    data, ours = sft_views(str(short), limit, bos)
+    assert len(ours["input_ids"]) == 1 and data.report["train"]["dropped"] == {
+        f"no token left to train on within max_length={limit}": 1}, data.report
     scorer = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     scorer.config.pad_token_id = tok.pad_token_id
     for path, margin in ((str(DEMO / "rm_train.jsonl"), None), (str(pairs), "m")):

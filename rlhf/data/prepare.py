@@ -21,7 +21,7 @@ from rlhf.data.arrow import progress_bars
 from rlhf.data.read import data_files, first_row, is_local, load_hub, read_splits
 from rlhf.data.records import preference_records, prompt_records, sft_records
 from rlhf.data.rules import RM_RULES_WITHOUT_MODEL, DropReport, Rule, apply_rules, longer_than
-from rlhf.data.tokens import TOKEN_COLUMNS, is_conversational, tokenized
+from rlhf.data.tokens import LENGTH_COLUMNS, TOKEN_COLUMNS, is_conversational, tokenized
 from rlhf.errors import UserError
 
 if TYPE_CHECKING:
@@ -32,27 +32,33 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PREP_VERSION = 1  # bump when what a prepared set holds changes: it is part of the cache key
+PREP_VERSION = 2  # bump when what a prepared set holds changes: it is part of the cache key
 CACHE_KEEP = 16  # prepared sets kept in the cache (least recently used go first)
 TRAINER_COLUMNS = {"rm": ("margin",)}  # record columns the trainer reads too
 
 
 def _prepare(records: Dataset, labels: list[str], tokenizer, stage: str, max_length: int, reason: str,
-             rules: Sequence[Rule], what: str) -> tuple[Dataset, DropReport]:
-    """The rules that need no model, then token ids, then the length rule."""
+             rules: Sequence[Rule], what: str, token_rules: Sequence[Rule] = (),
+             params: dict[str, Any] | None = None) -> tuple[Dataset, DropReport]:
+    """The rules that need no model, then token ids (`params` go to the stage's token function),
+    then the length rule and `token_rules`."""
     kept, labels, positions, report = apply_rules(records, labels, rules)
     if tokenizer is None:
         return kept, report
-    tokens = tokenized(kept, tokenizer, stage, what)
-    kept, *_, report = apply_rules(tokens, labels, [Rule(reason, ("n_tokens",), longer_than(max_length))], report,
-                                   positions)
+    tokens = tokenized(kept, tokenizer, stage, what, **(params or {}))
+    kept, *_, report = apply_rules(tokens, labels, [Rule(reason, ("n_tokens",), longer_than(max_length)), *token_rules],
+                                   report, positions)
     return kept, report
 
 
-def filter_sft(records: Dataset, labels: list[str], tokenizer, max_length: int) -> tuple[Dataset, DropReport]:
-    """The SFT row rule (too long). Returns the rows kept, with their token columns, and the report."""
+def filter_sft(records: Dataset, labels: list[str], tokenizer, max_length: int,
+               completion_only_loss: bool = True) -> tuple[Dataset, DropReport]:
+    """The SFT row rules: too long, then nothing left to train on within max_length (TRL drops such
+    rows too). Returns the rows kept, with their token columns (sft_token_ids), and the report."""
+    nothing = Rule(f"no token left to train on within max_length={max_length}", ("n_loss_tokens",),
+                   lambda counts: [n == 0 for n in counts])
     return _prepare(records, labels, tokenizer, "sft", max_length, f"longer than max_length={max_length} tokens", (),
-                    "SFT")
+                    "SFT", (nothing,), {"completion_only_loss": completion_only_loss, "max_length": max_length})
 
 
 def filter_preferences(records: Dataset, labels: list[str], tokenizer, max_length: int) -> tuple[Dataset, DropReport]:
@@ -75,7 +81,7 @@ class StageData:
     """A stage's training and held-out data sets, plus what was dropped (for the manifest).
 
     `train`/`eval`: the records in TRL's format. `train_ids`/`eval_ids`: the same rows as the
-    stage's trainer takes them (SFT: input_ids[, completion_mask]; RM: chosen_ids, rejected_ids[,
+    stage's trainer takes them (SFT: input_ids, labels; RM: chosen_ids, rejected_ids[,
     margin]; PPO: prompt_ids, prompt_text)."""
 
     train: Dataset
@@ -90,7 +96,7 @@ def _views(stage: str, full: Dataset | None) -> tuple[Dataset | None, Dataset | 
     """A prepared split → (records, token columns), both column selections of one table."""
     if full is None:
         return None, None
-    tokens = (*TOKEN_COLUMNS[stage], "n_tokens")
+    tokens = (*TOKEN_COLUMNS[stage], *LENGTH_COLUMNS[stage])
     records = [c for c in full.column_names if c not in tokens]
     ids = [c for c in (*TOKEN_COLUMNS[stage], *TRAINER_COLUMNS.get(stage, ())) if c in full.column_names]
     return full.select_columns(records), full.select_columns(ids)
@@ -283,7 +289,8 @@ def sft_data(cfg, tokenizer) -> StageData:
     return _stage_data("sft", cfg, tokenizer, s.data, {"completion_only_loss": s.completion_only_loss,
                                                        "max_length": s.max_length},
                        lambda rows: sft_records(rows, s.completion_only_loss),
-                       lambda recs, labels: filter_sft(recs, labels, tokenizer, s.max_length), "SFT")
+                       lambda recs, labels: filter_sft(recs, labels, tokenizer, s.max_length, s.completion_only_loss),
+                       "SFT")
 
 
 def rm_data(cfg, tokenizer) -> StageData:

@@ -120,14 +120,20 @@ def _warn_if_prompt_is_not_a_prefix(n_prompt: int, prefix: int) -> None:
                     n_prompt - prefix)
 
 
-def sft_token_ids(tokenizer: PreTrainedTokenizerBase, batch: dict[str, list]) -> dict[str, list]:
-    """SFT records → the columns trl.SFTTrainer (1.16) trains on, as its own tokenization makes
-    them (it skips tokenizing a set that has `input_ids`): `input_ids`, and for prompt + completion
-    rows `completion_mask` (1 on the completion's tokens, from where the tokenized prompt and the
-    tokenized prompt + completion diverge, as TRL's `common_prefix_length`). Conversational rows
-    go through the chat template (the prompt alone with the generation prompt); text rows get the
-    EOS appended and the tokenizer's special tokens, as TRL adds them. Plus `n_tokens`, the length
-    the length rule counts (see rlhf.data's docstring)."""
+def sft_token_ids(tokenizer: PreTrainedTokenizerBase, batch: dict[str, list], completion_only_loss: bool = True,
+                  max_length: int | None = None) -> dict[str, list]:
+    """SFT records → the columns trl.SFTTrainer (1.16) trains on, as its own preparation makes them,
+    so the stage can hand it the set with that preparation skipped (`skip_prepare_dataset`; its
+    per-token Python passes cost more than our whole tokenization at hub scale): `input_ids` and
+    `labels`, truncated to `max_length` from the end (TRL's `truncation_mode="keep_start"`).
+
+    Tokens as TRL tokenizes: conversational rows through the chat template (the prompt alone with
+    the generation prompt), text rows with the EOS appended and the tokenizer's special tokens. For
+    prompt + completion rows with `completion_only_loss`, `labels` is -100 on the prompt's tokens,
+    up to where the tokenized prompt and the tokenized prompt + completion diverge (TRL's
+    `common_prefix_length`); otherwise `labels` equals `input_ids`. Plus `n_tokens`, the length the
+    length rule counts (see rlhf.data's docstring), and `n_loss_tokens`, the tokens left with a
+    label after truncation (TRL drops a row with none)."""
     from trl.data_utils import common_prefix_length
 
     if "prompt" in batch:
@@ -144,17 +150,22 @@ def sft_token_ids(tokenizer: PreTrainedTokenizerBase, batch: dict[str, list]) ->
             ids = _text_ids(tokenizer, [p + c for p, c in zip(prompts, _with_eos(tokenizer, completions))], True)
             lengths = [(len(p), common_prefix_length(p, x)) for p, x in zip(prompt_ids, ids)]
             counts = [len(x) for x in _text_ids(tokenizer, [p + c for p, c in zip(prompts, completions)], False)]
-        masks = []
+        masked = []
         for (n_prompt, prefix), x in zip(lengths, ids):
             _warn_if_prompt_is_not_a_prefix(n_prompt, prefix)
-            masks.append([0] * prefix + [1] * (len(x) - prefix))
-        return {"input_ids": ids, "completion_mask": masks, "n_tokens": counts}
-    if "messages" in batch:
+            masked.append(prefix if completion_only_loss else 0)
+    elif "messages" in batch:
         ids = _chat_ids(tokenizer, batch["messages"])
-        return {"input_ids": ids, "n_tokens": [len(x) for x in ids]}
-    texts = batch["text"]
-    return {"input_ids": _text_ids(tokenizer, _with_eos(tokenizer, texts), True),
-            "n_tokens": [len(x) for x in _text_ids(tokenizer, texts, False)]}
+        counts, masked = [len(x) for x in ids], [0] * len(ids)
+    else:
+        texts = batch["text"]
+        ids = _text_ids(tokenizer, _with_eos(tokenizer, texts), True)
+        counts, masked = [len(x) for x in _text_ids(tokenizer, texts, False)], [0] * len(ids)
+    # List slices, no per-token Python: the masked tokens are always a prefix.
+    ids = [x[:max_length] for x in ids] if max_length is not None else ids
+    labels = [[-100] * min(m, len(x)) + x[m:] for m, x in zip(masked, ids)]
+    return {"input_ids": ids, "labels": labels, "n_tokens": counts,
+            "n_loss_tokens": [max(0, len(x) - m) for m, x in zip(masked, ids)]}
 
 
 def preference_token_ids(tokenizer: PreTrainedTokenizerBase, batch: dict[str, list]) -> dict[str, list]:
@@ -191,31 +202,33 @@ def prompt_token_ids(tokenizer: PreTrainedTokenizerBase, batch: dict[str, list])
     return {"prompt_text": texts, "prompt_ids": ids, "n_tokens": [len(x) for x in ids]}
 
 
-TOKEN_COLUMNS = {"sft": ("input_ids", "completion_mask"), "rm": ("chosen_ids", "rejected_ids"),
+TOKEN_COLUMNS = {"sft": ("input_ids", "labels"), "rm": ("chosen_ids", "rejected_ids"),
                  "ppo": ("prompt_ids", "prompt_text")}
 TOKEN_IDS = {"sft": sft_token_ids, "rm": preference_token_ids, "ppo": prompt_token_ids}
 
 
 TOKEN_FEATURES = {  # compact storage (the trainers' collators make int64 tensors of them)
     "input_ids": "int32", "chosen_ids": "int32", "rejected_ids": "int32", "prompt_ids": "int32",
-    "completion_mask": "int8", "n_tokens": "int32", "prompt_text": "string",
+    "labels": "int32", "n_tokens": "int32", "n_loss_tokens": "int32", "prompt_text": "string",
 }
+# Per-row columns beside the token columns: lengths the row rules read.
+LENGTH_COLUMNS = {"sft": ("n_tokens", "n_loss_tokens"), "rm": ("n_tokens",), "ppo": ("n_tokens",)}
 
 
-def tokenized(records: Dataset, tokenizer, stage: str, what: str) -> Dataset:
-    """The records with the stage's token columns beside them (and `n_tokens`). The map writes the
-    new columns only; they join the records' columns without copying them."""
+def tokenized(records: Dataset, tokenizer, stage: str, what: str, **params: Any) -> Dataset:
+    """The records with the stage's token columns beside them (and LENGTH_COLUMNS). The map writes
+    the new columns only; they join the records' columns without copying them. `params`: the stage
+    function's own settings (SFT: completion_only_loss, max_length)."""
     from datasets import Features, List, Value, concatenate_datasets
 
     if not len(records):
         return records
     fn = TOKEN_IDS[stage]
-    columns = [c for c in (*TOKEN_COLUMNS[stage], "n_tokens")
-               if not (c == "completion_mask" and "prompt" not in records.column_names)]
-    features = Features({c: Value(TOKEN_FEATURES[c]) if c in ("n_tokens", "prompt_text") else List(Value(TOKEN_FEATURES[c]))
-                         for c in columns})
-    tokens = map_batched(records, lambda batch: fn(tokenizer, batch), f"Tokenizing {what} rows", features=features,
-                  remove_columns=records.column_names)
+    columns = (*TOKEN_COLUMNS[stage], *LENGTH_COLUMNS[stage])
+    features = Features({c: Value(TOKEN_FEATURES[c]) if c in (*LENGTH_COLUMNS[stage], "prompt_text")
+                         else List(Value(TOKEN_FEATURES[c])) for c in columns})
+    tokens = map_batched(records, lambda batch: fn(tokenizer, batch, **params), f"Tokenizing {what} rows",
+                         features=features, remove_columns=records.column_names)
     if records._indices is not None:  # rows dropped before (RM): the kept rows, in one table
         records = records.flatten_indices(new_fingerprint=uuid.uuid4().hex)
     return concatenate_datasets([records, tokens], axis=1)
