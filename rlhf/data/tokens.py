@@ -150,22 +150,22 @@ def sft_token_ids(tokenizer: PreTrainedTokenizerBase, batch: dict[str, list], co
             ids = _text_ids(tokenizer, [p + c for p, c in zip(prompts, _with_eos(tokenizer, completions))], True)
             lengths = [(len(p), common_prefix_length(p, x)) for p, x in zip(prompt_ids, ids)]
             counts = [len(x) for x in _text_ids(tokenizer, [p + c for p, c in zip(prompts, completions)], False)]
-        masked = []
+        n_masked = []  # per row: the prompt tokens that get no label
         for (n_prompt, prefix), x in zip(lengths, ids):
             _warn_if_prompt_is_not_a_prefix(n_prompt, prefix)
-            masked.append(prefix if completion_only_loss else 0)
+            n_masked.append(prefix if completion_only_loss else 0)
     elif "messages" in batch:
         ids = _chat_ids(tokenizer, batch["messages"])
-        counts, masked = [len(x) for x in ids], [0] * len(ids)
+        counts, n_masked = [len(x) for x in ids], [0] * len(ids)
     else:
         texts = batch["text"]
         ids = _text_ids(tokenizer, _with_eos(tokenizer, texts), True)
-        counts, masked = [len(x) for x in _text_ids(tokenizer, texts, False)], [0] * len(ids)
+        counts, n_masked = [len(x) for x in _text_ids(tokenizer, texts, False)], [0] * len(ids)
     # List slices, no per-token Python: the masked tokens are always a prefix.
     ids = [x[:max_length] for x in ids] if max_length is not None else ids
-    labels = [[-100] * min(m, len(x)) + x[m:] for m, x in zip(masked, ids)]
+    labels = [[-100] * min(m, len(x)) + x[m:] for m, x in zip(n_masked, ids)]
     return {"input_ids": ids, "labels": labels, "n_tokens": counts,
-            "n_loss_tokens": [max(0, len(x) - m) for m, x in zip(masked, ids)]}
+            "n_loss_tokens": [max(0, len(x) - m) for m, x in zip(n_masked, ids)]}
 
 
 def preference_token_ids(tokenizer: PreTrainedTokenizerBase, batch: dict[str, list]) -> dict[str, list]:
