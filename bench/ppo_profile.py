@@ -2,7 +2,7 @@
 what this machine can do.
 
     .venv/bin/python bench/ppo_profile.py [--model-dir DIR] [--dtype auto|bfloat16|float32]
-                                          [--batch 8] [--response-length 48] [--repeats 3]
+                                          [--batch 8] [--response-length 48] [--repeats 3] [--compile-layers]
 
 Same set-up as bench/ppo_vs_trl.py (model folder, prompts, batch, response length, LoRA r=16
 alpha=32 all-linear, an untrained reward adapter on the same base). The phases are the calls the
@@ -12,7 +12,9 @@ PPO loop makes, timed one by one (best of --repeats, after one warm-up call):
 - the four rollout passes (no gradients): policy and reference log-probs, value, reward;
 - the policy update: one micro-batch's forward, loss and backward (`rollout.response_logprobs`,
   `losses.policy_loss`), and the value update likewise (`rollout.token_values`, `losses.value_loss`);
-- the optimizer step.
+- the optimizer step;
+- with --compile-layers, the two updates again with `torch.compile` on every decoder layer (the
+  candidate the eager rows point at), and the compile's cost (the first call after it).
 
 Work. FLOPs are counted from the model's shapes and the token counts, not measured:
 2 x (multiply-adds) for every linear layer (base and the active LoRA adapter), the attention score
@@ -113,6 +115,8 @@ def main() -> None:
     ap.add_argument("--response-length", type=int, default=48)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--attn", default=None, help="attn_implementation (model.attn_implementation; default: ours)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="also time the two updates with torch.compile on every decoder layer (compile_s: the first call)")
     a = ap.parse_args()
 
     import torch
@@ -191,10 +195,23 @@ def main() -> None:
         loss, _ = value_loss(values, old_values, returns, rmask, 0.2)
         loss.backward()
 
-    for name, fn, logits in (("update: policy (fwd + bwd)", policy_step, R + 1), ("update: value (fwd + bwd)", value_step, 0)):
+    updates = (("update: policy (fwd + bwd)", policy_step, R + 1), ("update: value (fwd + bwd)", value_step, 0))
+    for name, fn, logits in updates:
         f = forward_flops(dims, B, T, logits, 16, True)
         flops = 2 * f["linear"] + 3 * f["lora"] + 3 * f["attention"] + 2 * f["head"]
         rows.append({"phase": name, "s": best_time(fn, a.repeats), "flops": flops, "tokens": B * T})
+    if a.compile_layers:
+        # The candidate the eager table points at: a compiler fusing each decoder layer's elementwise
+        # chains (RMSNorm, rotary, SiLU·up, LoRA's scale-and-add, casts). Every layer runs the same code,
+        # so one compilation serves all of them; its cost is the first call's.
+        for layer in roles.backbone.layers:
+            layer.compile()
+        for name, fn, _ in updates:
+            t0 = time.perf_counter()
+            fn()
+            compiled = {**next(r for r in rows if r["phase"] == name), "phase": name + ", compiled layers"}
+            compiled.update(s=best_time(fn, a.repeats), compile_s=round(time.perf_counter() - t0, 1))
+            rows.append(compiled)
     params = roles.policy_parameters() + roles.value_parameters()
     opt = torch.optim.AdamW(params, lr=1e-5)
     rows.append({"phase": "optimizer step", "s": best_time(opt.step, a.repeats), "flops": 0, "tokens": 0})
@@ -220,8 +237,9 @@ def main() -> None:
         else:
             bw_cell = " | "
         row["s"] = round(row["s"], 3)
-        print(f"| {row['phase']} | {row['s']} | {row['gflop']} | {row['gflop_per_s']} | {row['pct_peak_matmul']} | {bw_cell} |",
-              file=sys.stderr)
+        compile_note = f" (compile and first call {row['compile_s']} s)" if "compile_s" in row else ""
+        print(f"| {row['phase']}{compile_note} | {row['s']} | {row['gflop']} | {row['gflop_per_s']} | "
+              f"{row['pct_peak_matmul']} | {bw_cell} |", file=sys.stderr)
     print(json.dumps({"dtype": str(dtype), "attn_implementation": base.config._attn_implementation, "batch": B, "prompt_tokens": P, "response_length": R,
                       "threads": torch.get_num_threads(), "peak_matmul_gflop_per_s": round(peak / 1e9, 1),
                       "bandwidth_gb_per_s": round(bw / 1e9, 2),
