@@ -12,7 +12,9 @@ Accepted forms (TRL's names):
 Local files: .jsonl, .json (a list of objects), .parquet, .csv (text columns only). Errors name
 the file, the line or row, and the column. Rules for rows that cannot train, one function each,
 applied in `prepare_*` order and reported with a count and the first row numbers:
-- SFT: rows longer than `sft.max_length` tokens are dropped (truncating would cut the reply).
+- SFT: rows longer than `sft.max_length` tokens are dropped (truncating would cut the reply);
+  then rows that the truncation of the trained ids to `sft.max_length` leaves with no label (the
+  ids of a text row hold the special tokens the count leaves out; TRL drops such rows silently).
 - RM: rows whose chosen or rejected is empty, whose chosen equals rejected, or whose longer side
   exceeds `rm.max_length` tokens are dropped.
 - PPO: prompts longer than `ppo.max_prompt_length` tokens are dropped.
@@ -22,9 +24,9 @@ How a stage's data is prepared, all of it on `datasets.Dataset` (Arrow) objects:
 read (a file becomes an Arrow table; JSON lines through pyarrow, with Python's `json` as the
 fallback that finds and words the errors) → held-out carve and `max_rows` (one seeded
 permutation of the row numbers) → records (`map`: each row checked and put in TRL's format) →
-the row rules that need no model → token ids (`map`, batched: exactly the ids the stage's trainer
-trains on, so TRL does not tokenize again, and the length the length rule counts) → the length
-rule. Token lengths count the rendered text without the tokenizer's added special tokens: for
+the row rules that need no model → token ids (`map`, batched: exactly the ids and, for SFT, the
+labels the stage's trainer trains on, truncated as TRL truncates, so TRL neither tokenizes nor
+builds labels again; and the length the length rule counts) → the length rule. Token lengths count the rendered text without the tokenizer's added special tokens: for
 conversational rows that is the length of the trained ids; text rows are counted apart (TRL adds
 BOS/EOS there). The result is cached under $RLHF_CACHE/data/, keyed by the data files' contents,
 the data settings, the tokenizer and the library versions, and is prepared under accelerate's
