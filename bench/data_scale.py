@@ -151,12 +151,11 @@ def trl_prepare(stage: str, dataset, tokenizer, cfg):
 
     out = str(Path(cfg.run_dir) / "bench-trl")
     if stage == "sft":
-        from trl import SFTConfig, SFTTrainer
-
         from rlhf.sft import TRL_DATASET_KWARGS
 
         if TRL_DATASET_KWARGS.get("skip_prepare_dataset"):  # the stage hands SFTTrainer labels, truncated
             return dataset
+        from trl import SFTConfig, SFTTrainer
 
         args = SFTConfig(output_dir=out, max_length=cfg.sft.max_length, packing=False, dataset_num_proc=None,
                          report_to="none", completion_only_loss=cfg.sft.completion_only_loss, bf16=False)
