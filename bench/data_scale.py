@@ -145,25 +145,18 @@ def cpu_seconds() -> float:
 
 
 def trl_prepare(stage: str, dataset, tokenizer, cfg):
-    """What SFTTrainer / RewardTrainer do to a train set before the first step (their _prepare_dataset,
-    on a stand-in for the trainer: the attributes that method reads, as the trainer sets them)."""
+    """What the trainer does to a train set before the first step. SFTTrainer: nothing, the SFT
+    stage hands it input_ids and labels, truncated, with its preparation skipped
+    (`rlhf.sft.TRL_DATASET_KWARGS`). RewardTrainer: its _prepare_dataset, on a stand-in for the
+    trainer (the attributes that method reads, as the trainer sets them)."""
+    if stage == "sft":
+        return dataset
     from types import SimpleNamespace
 
-    out = str(Path(cfg.run_dir) / "bench-trl")
-    if stage == "sft":
-        from rlhf.sft import TRL_DATASET_KWARGS
-
-        if TRL_DATASET_KWARGS.get("skip_prepare_dataset"):  # the stage hands SFTTrainer labels, truncated
-            return dataset
-        from trl import SFTConfig, SFTTrainer
-
-        args = SFTConfig(output_dir=out, max_length=cfg.sft.max_length, packing=False, dataset_num_proc=None,
-                         report_to="none", completion_only_loss=cfg.sft.completion_only_loss, bf16=False)
-        fake = SimpleNamespace(_tokenizer=tokenizer, chat_template=None, completion_only_loss=args.completion_only_loss)
-        return SFTTrainer._prepare_dataset(fake, dataset, tokenizer, args, False, None, "train")
     from trl import RewardConfig, RewardTrainer
 
-    args = RewardConfig(output_dir=out, max_length=None, dataset_num_proc=None, report_to="none", bf16=False)
+    args = RewardConfig(output_dir=str(Path(cfg.run_dir) / "bench-trl"), max_length=None, dataset_num_proc=None,
+                        report_to="none", bf16=False)
     return RewardTrainer._prepare_dataset(SimpleNamespace(), dataset, tokenizer, args, "train")
 
 

@@ -185,6 +185,9 @@ def test_gradient_averaging_whitening_and_rng_across_two_gloo_processes(tmp_path
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessExitedException
 
+    def finished() -> bool:
+        return all((tmp_path / f"checked-rank{r}").exists() for r in range(WORLD))
+
     try:
         mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     except ProcessExitedException as e:
@@ -193,10 +196,9 @@ def test_gradient_averaging_whitening_and_rng_across_two_gloo_processes(tmp_path
         # line ran. That is a crash of torch's own exit, not of anything checked here: tolerated only
         # when every process got to the end of its checks. (The stage processes, started by
         # `accelerate launch`, exit cleanly in the tests that run them.)
-        finished = all((tmp_path / f"checked-rank{r}").exists() for r in range(WORLD))
-        if not (e.signal_name == "SIGABRT" and finished):
+        if not (e.signal_name == "SIGABRT" and finished()):
             raise
-    assert all((tmp_path / f"checked-rank{r}").exists() for r in range(WORLD))
+    assert finished()
 
 
 # ---------------------------------------------------------------------------- all three stages, 2 processes
