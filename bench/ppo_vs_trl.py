@@ -83,7 +83,8 @@ def run_ours(a) -> dict:
     dtype = torch_dtype(model_cfg)
     base = AutoModelForCausalLM.from_pretrained(a.model_dir, **model_kwargs(model_cfg))  # our defaults, attention included
     roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter,
-                        value_on_policy=a.value_on_policy, no_grad_attn=no_grad_attn_implementation(model_cfg))
+                        value_on_policy=a.value_on_policy, no_grad_attn=no_grad_attn_implementation(model_cfg),
+                        activation_checkpointing=a.activation_checkpointing)
     ppo = PPOConfig(data={"path": "unused.jsonl"}, steps=a.steps, rollout_batch_size=a.batch, micro_batch_size=a.batch,
                     num_mini_batches=1, ppo_epochs=a.ppo_epochs, response_length=a.response_length, learning_rate=1e-5,
                     temperature=0.7, missing_eos_score=None, missing_eos_penalty=1.0, save_every=10**6,
@@ -94,7 +95,8 @@ def run_ours(a) -> dict:
              resume=False)
     dt = time.perf_counter() - t
     del torch
-    return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""), "dtype": str(dtype).replace("torch.", ""),
+    return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""),
+            "activation_checkpointing": a.activation_checkpointing, "dtype": str(dtype).replace("torch.", ""),
             "attn_implementation": base.config._attn_implementation, "batch": a.batch,
             "response_length": a.response_length, "ppo_epochs": a.ppo_epochs, "steps": a.steps,
             "s_per_step": round(dt / a.steps, 3), "episodes_per_s": round(a.batch * a.steps / dt, 4),
@@ -112,6 +114,7 @@ def compare(a, dtype: str, env: dict, adapter: Path, common: list[str]) -> dict:
     """One like-for-like pair in `dtype`: ours, then the baseline, each in a fresh process."""
     ours_cmd = [sys.executable, __file__, "--ours", "--model-dir", a.model_dir, "--adapter", str(adapter), *common]
     ours_cmd += ["--dtype", dtype] + (["--value-on-policy"] if a.value_on_policy else [])
+    ours_cmd += ["--activation-checkpointing"] if a.activation_checkpointing else []
     ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=env, check=True).stdout)
     print(json.dumps(ours), flush=True)
     if a.skip_baseline:
@@ -138,6 +141,9 @@ def main() -> None:
                     help="the precision of both sides (auto = bfloat16 where the hardware multiplies it natively, "
                          "float32 otherwise; both = one comparison in each). Our LoRA weights, heads and log-probs "
                          "stay float32, as peft keeps the baseline's LoRA weights")
+    ap.add_argument("--activation-checkpointing", action="store_true",
+                    help="ours with model.gradient_checkpointing (TRL 1.12's PPOConfig defaults it to on, but its "
+                         "PPOTrainer never enables it, so the baseline runs without)")
     ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")

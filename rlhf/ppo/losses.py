@@ -307,7 +307,10 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}.")
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return _entropy(F.log_softmax(logits.float() / temperature, dim=-1))
+
+
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
     logp = logp.clamp(min=torch.finfo(logp.dtype).min)
     return -(logp.exp() * logp).sum(dim=-1)
 
@@ -346,37 +349,58 @@ def head_logprobs(hidden: torch.Tensor, weight: torch.Tensor, tokens: torch.Tens
 
 
 class _HeadLogprobs(torch.autograd.Function):
-    """head_logprobs' chunked forward and recomputing backward (gradient for the hidden states only)."""
+    """head_logprobs' chunked forward and recomputing backward (gradient for the hidden states only).
+
+    Both directions are written out rather than left to autograd, because the elementwise work over
+    a chunk's (rows, V) float32 logits, not the head's matmul, was most of their time: autograd's
+    recompute ran log-softmax again and its backward went through the gather's zero-filled
+    scatter, log-softmax's backward, the division's and the cast's, one pass over the chunk each.
+    Here the forward keeps only each row's log-sum-exp, and the backward turns the recomputed logits
+    into the gradient in place: d log p_t / d z = onehot(t) - softmax(z), times the upstream
+    gradient and 1/T. (The forward's values are log-softmax's own; the log-sum-exp is read back
+    from them, one float32 rounding from a separate computation.)"""
 
     @staticmethod
     def forward(ctx, hidden, weight, tokens, temperature, rows, with_entropy):
         device = hidden.device.type
         ctx.autocast = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device), device)
         ctx.temperature, ctx.rows = temperature, rows
-        ctx.save_for_backward(hidden, weight, tokens)
-        logprobs, entropy = [], []
+        logprobs, lse, entropy = [], [], []
         with torch.no_grad():
             for h, t in zip(hidden.split(rows), tokens.split(rows)):
-                logits = F.linear(h, weight)
-                logprobs.append(logprobs_from_logits(logits, t, temperature))
+                z = _scaled_float(F.linear(h, weight), temperature)
+                logp = F.log_softmax(z, dim=-1)  # as logprobs_from_logits, so the values are its own
+                index = t.long().unsqueeze(-1)
+                row_logprobs = logp.gather(-1, index).squeeze(-1)
+                logprobs.append(row_logprobs)
+                lse.append(z.gather(-1, index).squeeze(-1) - row_logprobs)  # log-sum-exp, for the backward
                 if with_entropy:  # from the same chunk of logits, not another head matmul
-                    entropy.append(entropy_from_logits(logits, temperature))
+                    entropy.append(_entropy(logp))
+        ctx.save_for_backward(hidden, weight, tokens, torch.cat(lse))
         entropy = torch.cat(entropy) if with_entropy else hidden.new_empty(0, dtype=torch.float32)
         ctx.mark_non_differentiable(entropy)
         return torch.cat(logprobs), entropy
 
     @staticmethod
     def backward(ctx, grad_out, _grad_entropy):
-        hidden, weight, tokens = ctx.saved_tensors
+        hidden, weight, tokens, lse = ctx.saved_tensors
         enabled, dtype, device = ctx.autocast
+        T = ctx.temperature
         grads = []
-        for h, t, g in zip(hidden.split(ctx.rows), tokens.split(ctx.rows), grad_out.split(ctx.rows)):
-            h = h.detach().requires_grad_()
-            with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):
-                lp = logprobs_from_logits(F.linear(h, weight.detach()), t, ctx.temperature)
-            (grad_h,) = torch.autograd.grad(lp, h, g)
-            grads.append(grad_h)
+        for h, t, g, row_lse in zip(*(x.split(ctx.rows) for x in (hidden, tokens, grad_out, lse))):
+            with torch.autocast(device, dtype=dtype, enabled=enabled):
+                logits = F.linear(h, weight)  # the forward's logits again, under its autocast state
+            # grad_z = g * (onehot(t) - softmax(z)) with z = logits / T, then / T for the logits
+            grad = _scaled_float(logits, T).sub_(row_lse.unsqueeze(-1)).exp_().mul_((-g / T).unsqueeze(-1))
+            grad.scatter_add_(-1, t.long().unsqueeze(-1), (g / T).unsqueeze(-1))
+            grads.append(grad.to(logits.dtype).mm(weight.to(logits.dtype)).to(h.dtype))
         return torch.cat(grads), None, None, None, None, None
+
+
+def _scaled_float(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits.float() / temperature`` as a new tensor (in place on the float32 copy)."""
+    z = logits.float()
+    return z.div_(temperature) if z is not logits else z / temperature
 
 
 def explained_variance(
