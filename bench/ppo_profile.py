@@ -13,6 +13,9 @@ PPO loop makes, timed one by one (best of --repeats, after one warm-up call):
 - the policy update: one micro-batch's forward, loss and backward (`rollout.response_logprobs`,
   `losses.policy_loss`), and the value update likewise (`rollout.token_values`, `losses.value_loss`);
 - the optimizer step;
+- decoding's matrix products alone: the model's weights times a (batch, in) input, once per new
+  token, with nothing else; once with the weights as they are and once reordered into oneDNN's
+  packed layout (bfloat16 only): the floor the matmul library sets for the generation row;
 - with --compile-layers, the two updates again with `torch.compile` on every decoder layer (the
   candidate the eager rows point at), and the compile's cost (the first call after it).
 
@@ -79,6 +82,41 @@ def peak_matmul(shapes: set[tuple[int, int]], tokens: int, dtype, repeats: int) 
         dt = best_time(lambda: F.linear(x, w), max(repeats, 5))
         best = max(best, 2 * tokens * fan_in * fan_out / dt)
     return best
+
+
+def decoding_matmuls(model, batch: int, repeats: int, packed: bool = False) -> tuple[float, int] | None:
+    """Seconds and bytes of one decoding step's matrix products alone: every base weight of the
+    model (its linear layers in order, then the LM head) times a (batch, in_features) input, as a
+    decoder step multiplies them, nothing else (no attention, no elementwise work, no sampling).
+    The weights (hundreds of MB) do not fit in the caches, so each step reads them from memory as
+    decoding does: this is what the matmul library achieves at the decoding shape on this machine.
+
+    packed: the same products on weights reordered once into oneDNN's blocked layout (what
+    inductor's CPU freezing does for a compiled model); None where this torch build has no oneDNN
+    or the dtype is not bfloat16."""
+    import torch
+    import torch.nn.functional as F
+
+    weights = [mod.weight.detach() for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and "lora_" not in name and "lm_head" not in name]
+    weights.append(model.get_output_embeddings().weight.detach())
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+    linear = F.linear
+    if packed:
+        if weights[0].dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+            return None
+        weights = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+
+        def linear(x, w):
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+    def step():
+        with torch.no_grad():
+            for x, w in zip(inputs, weights):
+                linear(x, w)
+
+    return best_time(step, max(repeats, 5)), nbytes
 
 
 def bandwidth(repeats: int) -> float:
@@ -167,6 +205,16 @@ def main() -> None:
     decode_bytes = (R - 1) * dims["weight_params"] * elem + kv_bytes
     rows.append({"phase": "generation", "s": t_gen, "flops": sum(prefill.values()) + decode_flops, "bytes": decode_bytes,
                  "tokens": B * R})
+    # What the matmul library itself reaches at decoding's shape: the generation row's floor on this machine.
+    # (The base weights, of the shapes and dtype of the scratch weights generation folds the policy into.)
+    for packed in (False, True):
+        measured = decoding_matmuls(roles.model.get_base_model(), B, a.repeats, packed)
+        if measured:
+            t_step, step_bytes = measured
+            rows.append({"phase": f"decoding's matmuls alone ({R - 1} steps of batch {B}"
+                                  + (", oneDNN-packed weights)" if packed else ")"), "s": (R - 1) * t_step,
+                         "flops": (R - 1) * 2 * B * (dims["linear_macs"] + dims["hidden"] * dims["vocab"]),
+                         "bytes": (R - 1) * step_bytes, "tokens": B * (R - 1)})
 
     with torch.no_grad():
         passes = {
@@ -243,7 +291,7 @@ def main() -> None:
     print(json.dumps({"dtype": str(dtype), "attn_implementation": base.config._attn_implementation, "batch": B, "prompt_tokens": P, "response_length": R,
                       "threads": torch.get_num_threads(), "peak_matmul_gflop_per_s": round(peak / 1e9, 1),
                       "bandwidth_gb_per_s": round(bw / 1e9, 2),
-                      "rows": [{k: v for k, v in r.items() if k not in ("flops", "bytes")} for r in rows]}))
+                      "rows": rows}))
 
 
 if __name__ == "__main__":
