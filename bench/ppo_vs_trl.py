@@ -34,6 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "bench"
 
+from phase_times import PHASES, instrument_ours, per_step  # noqa: E402  (bench/, beside this script)
+
 
 def prompts(tok, n: int) -> list[list[int]]:
     """The baseline script's prompts, token for token."""
@@ -89,6 +91,7 @@ def run_ours(a) -> dict:
                     num_mini_batches=1, ppo_epochs=a.ppo_epochs, response_length=a.response_length, learning_rate=1e-5,
                     temperature=0.7, missing_eos_score=None, missing_eos_penalty=1.0, save_every=10**6,
                     sample_every=10**6, value_head_on_policy=a.value_on_policy)
+    instrument_ours()
     t = time.perf_counter()
     run_loop(roles, tok, ids, texts, ppo, seed=0, rm_mean=0.0, ckpt_root=tmp / "ckpt", config_hash="bench",
              metrics_writer=MetricsWriter(tmp / "metrics.jsonl", enabled=False), samples_path=tmp / "samples.jsonl",
@@ -100,13 +103,15 @@ def run_ours(a) -> dict:
             "attn_implementation": base.config._attn_implementation, "batch": a.batch,
             "response_length": a.response_length, "ppo_epochs": a.ppo_epochs, "steps": a.steps,
             "s_per_step": round(dt / a.steps, 3), "episodes_per_s": round(a.batch * a.steps / dt, 4),
-            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3)}
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
+            "phases_s_per_step": per_step(PHASES, dt, a.steps)}
 
 
-def last_json(output: str) -> dict:
+def last_json(output: str, key: str = "impl") -> dict:
+    """The last JSON line of `output` that holds `key`."""
     for line in reversed(output.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
+        if line.startswith("{") and key in (result := json.loads(line)):
+            return result
     raise RuntimeError(f"no JSON result in:\n{output[-2000:]}")
 
 
@@ -120,8 +125,12 @@ def compare(a, dtype: str, env: dict, adapter: Path, common: list[str]) -> dict:
     if a.skip_baseline:
         return {}
     py = subprocess.run(["bash", str(SHARED / "baseline_env.sh")], capture_output=True, text=True, check=True).stdout.strip()
-    base_cmd = [py, str(SHARED / "trl112_ppo_baseline.py"), a.model_dir, *common, "--dtype", dtype]
-    base = last_json(subprocess.run(base_cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    # The baseline script runs unchanged, under bench/phase_times.py's wrappers (its phases' wall times).
+    base_cmd = [py, str(Path(__file__).with_name("phase_times.py")), str(SHARED / "trl112_ppo_baseline.py"),
+                a.model_dir, *common, "--dtype", dtype]
+    out = subprocess.run(base_cmd, capture_output=True, text=True, env=env, check=True).stdout
+    base, phases = last_json(out), last_json(out, "phases_s")["phases_s"]
+    base["phases_s_per_step"] = per_step(phases, phases["total"], a.steps)
     print(json.dumps(base), flush=True)
     return {"dtype": dtype, "throughput_ratio": round(ours["episodes_per_s"] / base["episodes_per_s"], 3),
             "peak_memory_ratio": round(ours["peak_rss_gb"] / base["peak_rss_gb"], 3),

@@ -1,6 +1,8 @@
-"""bench/ppo_profile.py on the tiny model: every phase of the roofline table comes out, with its work
-counted, in both precisions; the oneDNN-packed decoding row only where it applies (bfloat16 with
-oneDNN). It checks that the benchmark runs and reports, not how fast (no timings are compared)."""
+"""The PPO benchmarks on the tiny model. bench/ppo_profile.py: every phase of the roofline table comes
+out, with its work counted, in both precisions; the oneDNN-packed decoding row only where it applies
+(bfloat16 with oneDNN). bench/ppo_vs_trl.py (our side; the TRL 1.12 side needs its own venv): the
+step's time split into phases that add up to it. They check that the benchmarks run and report,
+not how fast (no timings are compared)."""
 
 from __future__ import annotations
 
@@ -45,3 +47,18 @@ def test_ppo_profile_reports_every_phase(dtype):
     assert all(row["bytes"] == decoding[0]["bytes"] for row in decoding)  # the same weights, packed or not
     assert rows["generation"]["bytes"] > decoding[0]["bytes"]  # the weights and the KV cache
     assert "| update: policy (fwd + bwd) |" in proc.stderr  # the printed table
+
+
+def test_ppo_vs_trl_splits_our_step_into_phases_that_add_up():
+    model_dir = resolve_model(ModelConfig(name_or_path="embedded:tiny-random-llama"))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "ppo_vs_trl.py"), "--model-dir", str(model_dir), "--batch", "2",
+         "--response-length", "4", "--ppo-epochs", "2", "--steps", "2", "--dtype", "float32", "--skip-baseline"],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads(proc.stdout.splitlines()[-1])
+    phases = ours["phases_s_per_step"]
+    assert list(phases) == ["generation", "rollout scoring", "update forward", "backward", "optimizer step", "rest"]
+    assert all(phases[k] > 0 for k in ("generation", "rollout scoring", "update forward", "backward")), phases
+    assert phases["rest"] >= 0  # nothing counted twice: the timed phases fit inside the loop's time
+    assert abs(sum(phases.values()) - ours["s_per_step"]) < 0.01, (phases, ours["s_per_step"])
