@@ -1,12 +1,17 @@
-"""rlhf.sampling: the stop-token choice, and the one sampling-and-scoring path that PPO's rollout
-and `rlhf eval` share (so eval measures the policy exactly as PPO sampled and scored it)."""
+"""rlhf.sampling: the stop-token choice, the one sampling-and-scoring path that PPO's rollout
+and `rlhf eval` share (so eval measures the policy exactly as PPO sampled and scored it), and the
+packed linear weights decoding uses on a CPU."""
 
 from __future__ import annotations
 
+import contextlib
+
+import pytest
 import torch
 
+from rlhf import sampling
 from rlhf.config import load_config
-from rlhf.sampling import left_pad, stop_token_id
+from rlhf.sampling import generate_pinned, left_pad, pinned_generation_config, stop_token_id
 
 
 class _Tokenizer:
@@ -50,3 +55,54 @@ def test_eval_draws_and_scores_what_the_rollout_draws_and_scores(tiny_ppo_run):
     assert out.has_stop == ro.has_stop.tolist() and out.lengths == ro.response_mask.sum(1).tolist()
     assert out.texts == [tok.decode(r[m], skip_special_tokens=True) for r, m in zip(ro.response_ids, ro.response_mask)]
     assert out.kl == kl_per_response(ro.logprobs, ro.ref_logprobs, ro.response_mask).tolist()
+
+
+def _tiny_lm(dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import resolve_model
+
+    return AutoModelForCausalLM.from_pretrained(resolve_model(ModelConfig(name_or_path="embedded:tiny-random-llama")),
+                                                dtype=dtype)
+
+
+def _linears(model) -> list[torch.nn.Linear]:
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+@pytest.mark.skipif(not sampling._onednn_bf16_linear(), reason="packing needs oneDNN with native bfloat16")
+def test_packed_decoding_samples_the_same_tokens_and_leaves_the_model_as_it_was(monkeypatch):
+    """A bfloat16 model samples the same tokens, bit for bit, with its linear layers packed for
+    decoding (the default on such a CPU) as with plain `F.linear`; inside the block every plain
+    linear layer is packed, and afterwards none is and the weights are untouched."""
+    model = _tiny_lm(torch.bfloat16)
+    weights = [m.weight.clone() for m in _linears(model)]
+    config = pinned_generation_config(12, 0.7, None, 0)
+    ids = torch.randint(3, model.config.vocab_size, (3, 5), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+
+    def sample():
+        torch.manual_seed(1)
+        return generate_pinned(model, config, ids, mask)
+
+    with sampling.packed_linear_weights(model, batch=3):
+        assert all("forward" in vars(m) for m in _linears(model))
+    packed = sample()
+    monkeypatch.setattr(sampling, "packed_linear_weights", lambda model, batch: contextlib.nullcontext())
+    plain = sample()
+    assert packed.shape == (3, 17) and torch.equal(packed, plain)
+    assert all("forward" not in vars(m) for m in _linears(model))
+    assert all(torch.equal(m.weight, w) for m, w in zip(_linears(model), weights))
+
+
+def test_packing_leaves_float32_layers_and_replaced_forwards_alone():
+    model = _tiny_lm(torch.float32)
+    with sampling.packed_linear_weights(model, batch=2):
+        assert not any("forward" in vars(m) for m in _linears(model))  # float32: another library, not packed
+    model = _tiny_lm(torch.bfloat16)
+    hooked = _linears(model)[0]
+    hooked.forward = hook = lambda x: x  # as accelerate's offloading hooks replace it
+    with sampling.packed_linear_weights(model, batch=2):
+        assert hooked.forward is hook
+    assert hooked.forward is hook
