@@ -126,12 +126,13 @@ def packed_linear_weights(model: torch.nn.Module, batch: int) -> Iterator[None]:
     modules whose forward something else already replaced (accelerate's offloading hooks).
     Uses torch's oneDNN ops behind `torch.compile`'s CPU freezing (`torch.ops.mkldnn`); where a
     build lacks them or the CPU has no native bfloat16 (F.linear then takes another path), nothing
-    is packed."""
+    is packed. The packed copies live for the call beside the weights (0.27 GB for SmolLM2-135M);
+    where they would take more than a quarter of the memory available, nothing is packed."""
     packable = [m for m in model.modules()
                 if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
                 and "forward" not in vars(m)]
     packed = []
-    if packable and _onednn_bf16_linear():
+    if packable and _onednn_bf16_linear() and sum(m.weight.nbytes for m in packable) < _available_memory() / 4:
         try:
             packed = [(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch)) for m in packable]
         except RuntimeError:  # a shape or build oneDNN declines: decode as is
@@ -147,6 +148,15 @@ def packed_linear_weights(model: torch.nn.Module, batch: int) -> Iterator[None]:
 
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _available_memory() -> float:
+    """Bytes of memory available now (Linux's MemAvailable); infinite where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return float("inf")
 
 
 @functools.cache

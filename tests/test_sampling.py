@@ -96,13 +96,20 @@ def test_packed_decoding_samples_the_same_tokens_and_leaves_the_model_as_it_was(
     assert all(torch.equal(m.weight, w) for m, w in zip(_linears(model), weights))
 
 
-def test_packing_leaves_float32_layers_and_replaced_forwards_alone():
+def test_packing_leaves_float32_layers_and_replaced_forwards_alone(monkeypatch):
     model = _tiny_lm(torch.float32)
     with sampling.packed_linear_weights(model, batch=2):
         assert not any("forward" in vars(m) for m in _linears(model))  # float32: another library, not packed
+    # bfloat16, but the packed copies would take a quarter of the memory available
     model = _tiny_lm(torch.bfloat16)
+    monkeypatch.setattr(sampling, "_available_memory", lambda: 4 * sum(m.weight.nbytes for m in _linears(model)))
+    with sampling.packed_linear_weights(model, batch=2):
+        assert not any("forward" in vars(m) for m in _linears(model))
+    monkeypatch.undo()
     hooked = _linears(model)[0]
     hooked.forward = hook = lambda x: x  # as accelerate's offloading hooks replace it
     with sampling.packed_linear_weights(model, batch=2):
         assert hooked.forward is hook
+        if sampling._onednn_bf16_linear():  # the others are packed
+            assert all("forward" in vars(m) for m in _linears(model)[1:])
     assert hooked.forward is hook
