@@ -113,3 +113,15 @@ def test_packing_leaves_float32_layers_and_replaced_forwards_alone(monkeypatch):
         if sampling._onednn_bf16_linear():  # the others are packed
             assert all("forward" in vars(m) for m in _linears(model)[1:])
     assert hooked.forward is hook
+
+
+@pytest.mark.skipif(not sampling._onednn_bf16_linear(), reason="packing needs oneDNN with native bfloat16")
+def test_a_packed_layer_with_a_bias_gives_the_same_output():
+    """Qwen-style projections carry a bias; a (batch, tokens, in) input as the decoder passes it."""
+    layer = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(5, 3, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    plain = layer(x)
+    with sampling.packed_linear_weights(layer, batch=5):
+        assert "forward" in vars(layer)
+        packed = layer(x)
+    assert torch.equal(packed, plain)
