@@ -448,3 +448,14 @@ def test_make_kl_controller():
     assert isinstance(ctl, AdaptiveKLController) and ctl.horizon == 10000
     with pytest.raises(ValueError, match="target"):
         make_kl_controller(0.05, target=0.0)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -0.7])
+def test_log_probs_and_entropies_refuse_a_temperature_that_is_not_positive(temperature):
+    hidden, weight, tokens = torch.randn(1, 2, 4), torch.randn(5, 4), torch.tensor([[1, 3]])
+    logits = torch.nn.functional.linear(hidden, weight)
+    for call in (lambda: logprobs_from_logits(logits, tokens, temperature),
+                 lambda: entropy_from_logits(logits, temperature),
+                 lambda: head_logprobs(hidden, weight, tokens, temperature)):
+        with pytest.raises(ValueError, match="temperature must be > 0"):
+            call()

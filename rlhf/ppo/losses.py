@@ -281,9 +281,7 @@ def logprobs_from_logits(
     is the peak; slice the logits to the response positions before calling, and chunk over
     ``B`` if that still does not fit.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    logp = F.log_softmax(_scaled_float(logits, temperature), dim=-1)
     return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
 
 
@@ -305,9 +303,7 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     clamped to the most negative finite float so that ``-inf`` logits (banned tokens) give
     ``0 · finite = 0`` instead of NaN, in the value and in the gradient.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    return _entropy(F.log_softmax(logits.float() / temperature, dim=-1))
+    return _entropy(F.log_softmax(_scaled_float(logits, temperature), dim=-1))
 
 
 def _entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -398,7 +394,10 @@ class _HeadLogprobs(torch.autograd.Function):
 
 
 def _scaled_float(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``logits.float() / temperature`` as a new tensor (in place on the float32 copy)."""
+    """``logits.float() / temperature`` as a new tensor (in place on the float32 copy): the
+    distribution every log-probability and entropy here is taken from."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
     z = logits.float()
     return z.div_(temperature) if z is not logits else z / temperature
 
