@@ -59,15 +59,17 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def linear_shapes(model) -> list[tuple[int, int]]:
-    """(in_features, out_features) of every frozen base Linear in the transformer body, LoRA excluded."""
+def body_linears(model) -> list:
+    """Every frozen base Linear of the transformer body, in order: LoRA's and the LM head excluded."""
     import torch
 
-    shapes = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear) and "lora_" not in name and "lm_head" not in name:
-            shapes.append((mod.in_features, mod.out_features))
-    return shapes
+    return [mod for name, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and "lora_" not in name and "lm_head" not in name]
+
+
+def linear_shapes(model) -> list[tuple[int, int]]:
+    """(in_features, out_features) of body_linears."""
+    return [(mod.in_features, mod.out_features) for mod in body_linears(model)]
 
 
 def peak_matmul(shapes: set[tuple[int, int]], tokens: int, dtype, repeats: int) -> float:
@@ -91,25 +93,23 @@ def decoding_matmuls(model, batch: int, repeats: int, packed: bool = False) -> t
     The weights (hundreds of MB) do not fit in the caches, so each step reads them from memory as
     decoding does: this is what the matmul library achieves at the decoding shape on this machine.
 
-    packed: the same products on weights reordered once into oneDNN's blocked layout (what
-    inductor's CPU freezing does for a compiled model); None where this torch build has no oneDNN
-    or the dtype is not bfloat16."""
+    packed: the same products on weights packed as sampling packs them
+    (`rlhf.sampling.packed_linear_weights`: oneDNN's blocked layout); None where sampling would not
+    pack (not bfloat16, or no oneDNN with native bfloat16)."""
     import torch
     import torch.nn.functional as F
 
-    weights = [mod.weight.detach() for name, mod in model.named_modules()
-               if isinstance(mod, torch.nn.Linear) and "lora_" not in name and "lm_head" not in name]
+    from rlhf.sampling import onednn_bf16_linear, packed_linear, packed_weight
+
+    weights = [mod.weight.detach() for mod in body_linears(model)]
     weights.append(model.get_output_embeddings().weight.detach())
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     inputs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
     linear = F.linear
     if packed:
-        if weights[0].dtype != torch.bfloat16 or not torch.backends.mkldnn.is_available():
+        if weights[0].dtype != torch.bfloat16 or not onednn_bf16_linear():
             return None
-        weights = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
-
-        def linear(x, w):
-            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        weights, linear = [packed_weight(w, batch) for w in weights], packed_linear
 
     def step():
         with torch.no_grad():

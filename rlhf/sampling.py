@@ -132,21 +132,27 @@ def packed_linear_weights(model: torch.nn.Module, batch: int) -> Iterator[None]:
                 if type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"
                 and "forward" not in vars(m)]
     packed = []
-    if packable and _onednn_bf16_linear() and sum(m.weight.nbytes for m in packable) < _available_memory() / 4:
+    if packable and onednn_bf16_linear() and sum(m.weight.nbytes for m in packable) < _available_memory() / 4:
         try:
-            packed = [(m, torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch)) for m in packable]
+            packed = [(m, packed_weight(m.weight, batch)) for m in packable]
         except RuntimeError:  # a shape or build oneDNN declines: decode as is
             packed = []
     try:
         for m, weight in packed:
-            m.forward = functools.partial(_packed_linear, weight=weight, bias=m.bias)
+            m.forward = functools.partial(packed_linear, weight=weight, bias=m.bias)
         yield
     finally:
         for m, _ in packed:
             vars(m).pop("forward", None)
 
 
-def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def packed_weight(weight: torch.Tensor, batch: int) -> torch.Tensor:
+    """`weight` reordered into oneDNN's blocked layout, for products with about `batch` rows."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), batch)
+
+
+def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, W, bias)` with W as `packed_weight` made it."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
 
@@ -160,7 +166,7 @@ def _available_memory() -> float:
 
 
 @functools.cache
-def _onednn_bf16_linear() -> bool:
+def onednn_bf16_linear() -> bool:
     """Whether this torch build has the packed-linear ops and runs bfloat16 `F.linear` through oneDNN
     (a CPU with native bfloat16): only then is the packed product the same kernel as the plain one."""
     mkldnn = torch.ops.mkldnn

@@ -71,7 +71,7 @@ def _linears(model) -> list[torch.nn.Linear]:
     return [m for m in model.modules() if type(m) is torch.nn.Linear]
 
 
-@pytest.mark.skipif(not sampling._onednn_bf16_linear(), reason="packing needs oneDNN with native bfloat16")
+@pytest.mark.skipif(not sampling.onednn_bf16_linear(), reason="packing needs oneDNN with native bfloat16")
 def test_packed_decoding_samples_the_same_tokens_and_leaves_the_model_as_it_was(monkeypatch):
     """A bfloat16 model samples the same tokens, bit for bit, with its linear layers packed for
     decoding (the default on such a CPU) as with plain `F.linear`; inside the block every plain
@@ -110,12 +110,12 @@ def test_packing_leaves_float32_layers_and_replaced_forwards_alone(monkeypatch):
     hooked.forward = hook = lambda x: x  # as accelerate's offloading hooks replace it
     with sampling.packed_linear_weights(model, batch=2):
         assert hooked.forward is hook
-        if sampling._onednn_bf16_linear():  # the others are packed
+        if sampling.onednn_bf16_linear():  # the others are packed
             assert all("forward" in vars(m) for m in _linears(model)[1:])
     assert hooked.forward is hook
 
 
-@pytest.mark.skipif(not sampling._onednn_bf16_linear(), reason="packing needs oneDNN with native bfloat16")
+@pytest.mark.skipif(not sampling.onednn_bf16_linear(), reason="packing needs oneDNN with native bfloat16")
 def test_a_packed_layer_with_a_bias_gives_the_same_output():
     """Qwen-style projections carry a bias; a (batch, tokens, in) input as the decoder passes it."""
     layer = torch.nn.Linear(64, 96, bias=True).to(torch.bfloat16)
