@@ -234,14 +234,16 @@ def main() -> None:
     returns = torch.randn(B, R)
 
     def policy_step():
-        logprobs, _, _ = response_logprobs(roles, input_ids, mask, response, 0.7, "policy")
-        loss, _ = policy_loss(logprobs, old_logprobs, adv, rmask, 0.2)
-        loss.backward()
+        with roles.training_pass("policy"):  # as the loop's updates (rlhf.recompute's kernels)
+            logprobs, _, _ = response_logprobs(roles, input_ids, mask, response, 0.7, "policy")
+            loss, _ = policy_loss(logprobs, old_logprobs, adv, rmask, 0.2)
+            loss.backward()
 
     def value_step():
-        values = token_values(roles, input_ids, mask, R)
-        loss, _ = value_loss(values, old_values, returns, rmask, 0.2)
-        loss.backward()
+        with roles.training_pass("value"):
+            values = token_values(roles, input_ids, mask, R)
+            loss, _ = value_loss(values, old_values, returns, rmask, 0.2)
+            loss.backward()
 
     updates = (("update: policy (fwd + bwd)", policy_step, R + 1), ("update: value (fwd + bwd)", value_step, 0))
     for name, fn, logits in updates:

@@ -26,9 +26,9 @@ from tests.conftest import write_config
 
 def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32,
                score_mean: float = 0.0, algorithm: str = "ppo", overrides: tuple[str, ...] = (),
-               activation_checkpointing: bool = False):
+               activation_checkpointing: bool = False, attn_implementation: str | None = None):
     """The roles as the stage builds them for `algorithm` (a critic for ppo only); cfg has ppo.algorithm
-    and `overrides` set."""
+    and `overrides` set. attn_implementation None: transformers' default kernel."""
     from transformers import AutoModelForCausalLM
 
     from rlhf.ppo.algorithms import needs_critic
@@ -37,7 +37,8 @@ def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, 
     sft = cfg.stage_dir("sft") / "model"
     tok = load_tokenizer(cfg.model, str(sft))
     torch.manual_seed(seed)
-    base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype, **kwargs)
     roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy,
                         score_mean=score_mean, critic=needs_critic(algorithm),
                         activation_checkpointing=activation_checkpointing)
@@ -551,12 +552,17 @@ def test_critic_free_update_moves_the_policy_towards_the_better_responses(tiny_r
     assert change.abs().max() > 1e-4  # the step did move the policy
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_activation_checkpointing_gives_the_same_update_and_keeps_fewer_activations(tiny_rm_run, dtype):
+def test_activation_checkpointing_gives_the_same_update_and_keeps_fewer_activations(tiny_rm_run, dtype, attn):
     """model.gradient_checkpointing in stage 3: PPO's policy and value updates (two adapters, each
     backward recomputing its layers) give the same weights as without it, while a policy forward keeps
     a fraction of the activations. Recomputing in the backward with the adapter active at that time
-    (not the one of the forward) would change the value adapter's gradients; dropout stays off."""
+    (not the one of the forward) would change the value adapter's gradients; dropout stays off.
+
+    Without it, the updates still recompute the cheap parts (rlhf.recompute: eager attention's
+    probabilities, RMSNorm, silu(gate)), with the adapter of the forward too, and the policy's
+    recomputed log-probs equal the rollout's exactly (a fresh policy's ratio is 1)."""
     from rlhf.ppo.trainer import make_optimizer, ppo_update
 
     def saved_bytes(roles, ro):
@@ -572,10 +578,20 @@ def test_activation_checkpointing_gives_the_same_update_and_keeps_fewer_activati
 
     trained, kept = [], []
     for checkpointing in (False, True):
-        cfg, tok, roles = make_roles(tiny_rm_run, dtype=dtype, activation_checkpointing=checkpointing)
+        cfg, tok, roles = make_roles(tiny_rm_run, dtype=dtype, activation_checkpointing=checkpointing,
+                                     attn_implementation=attn)
+        lm = roles.model.get_base_model()
+        replaced = [m for m in lm.modules() if "forward" in vars(m)]
+        assert len(replaced) == (0 if checkpointing else 3 * lm.config.num_hidden_layers + 1)  # 2 norms, 1 MLP each
         ppo = cfg.ppo.model_copy(update={"ppo_epochs": 1, "rollout_batch_size": 4, "num_mini_batches": 1,
                                          "micro_batch_size": 2})
         ro = rollout_for(cfg, tok, roles, n=4, micro=2)
+        with roles.training_pass("policy"):
+            kernel = lm.config._attn_implementation
+            fresh, _, _ = response_logprobs(roles, ro.input_ids, ro.attention_mask, ro.response_ids, 0.7, "policy")
+        assert torch.equal(fresh.detach().masked_fill(~ro.response_mask, 0), ro.logprobs)
+        assert kernel == ("eager_recomputed" if attn == "eager" and not checkpointing else attn)
+        assert lm.config._attn_implementation == attn
         scores = final_scores(ro.scores, ro.has_stop, ppo, rm_mean=0.0)
         targets = compute_targets(ro, scores, ppo, ppo.kl_coef)
         optimizer, scheduler = make_optimizer(roles, ppo, 1)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from rlhf.models import attention_implementation
+from rlhf.recompute import keep_fewer_activations, recomputed_attention
 from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
 
 
@@ -62,7 +63,8 @@ class Roles:
     def training_pass(self, adapter: str) -> Iterator[None]:
         """Context for one update's forward *and* backward with `adapter`: the backward runs with the
         adapter that built the graph, and with `activation_checkpointing` the decoder layers keep only
-        their inputs and are recomputed in the backward.
+        their inputs and are recomputed in the backward; without it, eager attention keeps only its
+        inputs and is recomputed (rlhf.recompute.recomputed_attention).
 
         The recomputation happens inside `loss.backward()`, after the forward's `use_adapter` has
         switched the adapters back: without this context it would recompute another adapter's
@@ -74,7 +76,10 @@ class Roles:
         try:
             for layer in layers:
                 layer.training = True  # the layer object only: nn.Module.train() would recurse
-            with _adapter_flags(self.model, adapter):
+            # Without layer checkpointing, attention keeps only its inputs (rlhf.recompute); with it the
+            # whole layer is recomputed anyway.
+            attention = contextlib.nullcontext() if self.activation_checkpointing else recomputed_attention(self.model)
+            with _adapter_flags(self.model, adapter), attention:
                 yield
         finally:
             for layer, training in zip(layers, saved):
@@ -267,7 +272,9 @@ def build_roles(
     value_on_policy is then moot. no_grad_attn: the attention kernel for sampling
     (models.no_grad_attn_implementation; None keeps the model's). activation_checkpointing
     (`model.gradient_checkpointing`): the updates recompute each decoder layer in their backward
-    instead of keeping its activations (Roles.training_pass); sampling and scoring are unchanged."""
+    instead of keeping its activations (Roles.training_pass); without it, the cheap tensors of
+    attention, RMSNorm and SwiGLU are recomputed instead of kept (rlhf.recompute). Sampling and
+    scoring are unchanged either way."""
     from peft import get_peft_model
 
     base.requires_grad_(False)
@@ -294,6 +301,8 @@ def build_roles(
         # every backward differentiate down to the frozen embeddings).
         base.activation_checkpointing_enable({"use_reentrant": False})
         base.disable_input_require_grads()
+    else:
+        keep_fewer_activations(model)  # RMSNorm and SwiGLU recomputed in the backward, exactly
     device = next(base.parameters()).device
     model.eval()  # dropout off in every role, for the whole run (docs/ppo.md §5)
     if value_head is not None:

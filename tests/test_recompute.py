@@ -1,0 +1,120 @@
+"""rlhf.recompute: a training pass that keeps fewer tensors gives the plain pass's values and
+gradients bit for bit, keeps fewer bytes, and leaves what it cannot recompute exactly alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlhf.recompute import RECOMPUTED_EAGER, keep_fewer_activations, recomputed_attention
+
+
+def _lora_lm(dtype: torch.dtype = torch.float32, **config):
+    """The tiny Llama (2 layers, grouped-query attention, SwiGLU) with eager attention and LoRA on
+    every linear layer, A and B random so every gradient path carries something."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import ModelConfig
+    from rlhf.models import resolve_model
+
+    path = resolve_model(ModelConfig(name_or_path="embedded:tiny-random-llama"))
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager", **config)
+    base.requires_grad_(False)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    return get_peft_model(base, lora).eval()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 200, (2, 24), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # a left-padded row: the masks go through the recomputation too
+    return ids, mask
+
+
+def _training_pass(model, recompute: bool):
+    """One forward and backward under bfloat16 autocast where the base is bfloat16 (as PPO's
+    updates run). Returns the logits, every LoRA gradient, and the bytes the forward kept for its
+    backward (parameters and their views excluded)."""
+    ids, mask = _batch()
+    params = dict(model.named_parameters())
+    param_storages = {p.untyped_storage().data_ptr() for p in params.values()}
+    kept: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    low = next(model.parameters()).dtype == torch.bfloat16
+    attention = recomputed_attention(model) if recompute else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with attention, torch.autocast("cpu", dtype=torch.bfloat16, enabled=low), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = model(input_ids=ids, attention_mask=mask).logits.float()
+    (logits.sin() * mask[..., None]).sum().backward()
+    grads = {n: p.grad for n, p in params.items() if p.requires_grad}
+    return logits.detach(), grads, sum(kept.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recomputed_pass_equals_the_plain_one_and_keeps_fewer_bytes(dtype):
+    plain = _training_pass(_lora_lm(dtype), recompute=False)
+    model = _lora_lm(dtype)
+    assert keep_fewer_activations(model) == {"rmsnorm": 5, "swiglu": 2}  # 2 layers × 2 norms + the final one
+    lean = _training_pass(model, recompute=True)
+
+    assert torch.equal(lean[0], plain[0])
+    assert plain[1].keys() == lean[1].keys() and len(plain[1]) == 2 * 7 * 2  # A and B of 7 linears × 2 layers
+    for name, grad in plain[1].items():
+        assert grad is not None and torch.equal(lean[1][name], grad), name
+    # What goes: the attention probabilities and repeated keys/values, RMSNorm's float32 copies,
+    # silu(gate). At least the float32 probabilities and silu(gate) of every layer must be gone.
+    cfg = model.get_base_model().config
+    rows, length = _batch()[0].shape
+    probabilities = cfg.num_hidden_layers * rows * cfg.num_attention_heads * length**2 * 4
+    silu = cfg.num_hidden_layers * rows * length * cfg.intermediate_size * dtype.itemsize
+    assert plain[2] - lean[2] >= probabilities + silu
+    assert model.get_base_model().config._attn_implementation == "eager"  # restored after the pass
+
+
+def test_attention_dropout_draws_the_same_masks_when_recomputed():
+    """With attention dropout in training mode, the recomputation replays the random state, so
+    the gradients are still those of the pass that drew the masks."""
+    runs = []
+    for recompute in (False, True):
+        model = _lora_lm(attention_dropout=0.5)
+        model.train()
+        torch.manual_seed(3)
+        runs.append(_training_pass(model, recompute))
+    assert torch.equal(runs[0][0], runs[1][0])
+    assert all(torch.equal(runs[0][1][n], runs[1][1][n]) for n in runs[0][1])
+
+
+def test_only_what_can_be_recomputed_exactly_is_changed():
+    from torch import nn
+
+    # Another activation: the MLP has SwiGLU's attribute names but not its formula.
+    gelu = _lora_lm(hidden_act="gelu")
+    assert keep_fewer_activations(gelu) == {"rmsnorm": 5, "swiglu": 0}
+    # A module whose forward something else already replaced (accelerate's offloading hooks) keeps it.
+    model = _lora_lm()
+    norm = model.get_base_model().model.norm
+    hooked = norm.forward
+    norm.forward = hooked
+    assert keep_fewer_activations(model)["rmsnorm"] == 4 and norm.forward is hooked
+    # Without gradients nothing is recomputed: the modules run as they are, same values.
+    ids, mask = _batch()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits,
+                           _lora_lm()(input_ids=ids, attention_mask=mask).logits)
+    # Another attention kernel keeps no probabilities: left as it is.
+    sdpa = _lora_lm()
+    sdpa.get_base_model().set_attn_implementation("sdpa")
+    with recomputed_attention(sdpa):
+        assert sdpa.get_base_model().config._attn_implementation == "sdpa"
+    with recomputed_attention(model):
+        assert model.get_base_model().config._attn_implementation == RECOMPUTED_EAGER
+    assert isinstance(norm, nn.Module)
