@@ -9,8 +9,6 @@ PPO policy update of SmolLM2-135M (bfloat16 base, 8 sequences of 87 tokens; a
   values repeated once per query head (grouped-query attention). Recomputing them needs the
   queries and the un-repeated keys and values (~40 MB), and costs one more QKᵀ and softmax per
   layer: at these lengths under 1 % of a layer's FLOPs.
-- RMSNorm, ~96 MB: transformers' RMSNorm upcasts its input to float32, and the float32 copy is
-  what autograd keeps. Recomputing the norm from its bfloat16 input keeps half of that.
 - SwiGLU, 64 MB: `silu(gate) * up` keeps silu(gate) beside gate and up. It is one elementwise
   pass from gate.
 
@@ -18,8 +16,9 @@ Every recomputation runs the same operations on the same inputs, so values and g
 those of the plain pass bit for bit (tests/test_recompute.py). Nothing changes without gradients:
 sampling and scoring passes run the modules as they are.
 
-Measured on the PPO benchmark's batch (bench/ppo_vs_trl.py, 2-core AVX512-BF16 CPU, bfloat16
-base): peak resident memory 2.02 → 1.75 GB, update time unchanged within run-to-run noise.
+Not recomputed: RMSNorm's float32 copy of its input (~96 MB there). Recomputing the norms cost
+~30 ms per update, their forward being eight elementwise passes each, for ~48 MB; the trade was
+not worth it (measured in one process, alternating).
 """
 
 from __future__ import annotations
@@ -52,8 +51,10 @@ def _recomputed_eager_attention(module, query, key, value, attention_mask, **kwa
     if not (torch.is_grad_enabled() and query.requires_grad) or kwargs.get("output_attentions"):
         return eager(module, query, key, value, attention_mask, **kwargs)
     # Dropout draws random masks: keep the RNG state so the recomputation draws the same ones.
+    # Non-reentrant: the recomputed graph joins the backward where the kept one would have, so the
+    # gradients are accumulated in the same order and come out bit for bit the same.
     out, _ = checkpoint(eager, module, query, key, value, attention_mask, use_reentrant=False,
-                        preserve_rng_state=kwargs.get("dropout", 0.0) > 0, **kwargs)
+                        determinism_check="none", preserve_rng_state=kwargs.get("dropout", 0.0) > 0, **kwargs)
     return out, None  # the probabilities are what is not kept
 
 
@@ -106,16 +107,6 @@ def _swiglu_forward(mlp: nn.Module):
     return forward
 
 
-def _recomputed_forward(module: nn.Module):
-    plain = module.forward
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return checkpoint(plain, x, use_reentrant=False, preserve_rng_state=False)
-        return plain(x)
-    return forward
-
-
 def _is_swiglu(mlp: nn.Module) -> bool:
     """An MLP computing down_proj(silu(gate_proj(x)) * up_proj(x)), checked on a probe: the
     attribute names are shared by MLPs of other shapes (other activations, extra terms)."""
@@ -133,21 +124,15 @@ def _is_swiglu(mlp: nn.Module) -> bool:
         return torch.equal(mlp(probe), _swiglu_forward(mlp)(probe))
 
 
-def keep_fewer_activations(model: nn.Module) -> dict[str, int]:
-    """Make `model`'s RMSNorm layers recompute themselves in the backward and its SwiGLU MLPs keep
-    gate and up only, by giving those modules an instance `forward` (their parameters, names and
-    state dicts are unchanged). Modules that already have an instance forward (accelerate's
-    offloading hooks) are left alone. Returns how many modules of each kind were changed.
+def keep_fewer_activations(model: nn.Module) -> int:
+    """Make `model`'s SwiGLU MLPs keep gate and up only, by giving them an instance `forward`
+    (their parameters, names and state dicts are unchanged). MLPs that already have an instance
+    forward (accelerate's offloading hooks) are left alone. Returns how many MLPs were changed.
 
     Attention is switched per pass, with `recomputed_attention` (a kernel name, not a module)."""
-    changed = {"rmsnorm": 0, "swiglu": 0}
+    changed = 0
     for module in model.modules():
-        if "forward" in vars(module):
-            continue
-        if type(module).__name__.endswith("RMSNorm"):
-            module.forward = _recomputed_forward(module)
-            changed["rmsnorm"] += 1
-        elif _is_swiglu(module):
+        if "forward" not in vars(module) and _is_swiglu(module):
             module.forward = _swiglu_forward(module)
-            changed["swiglu"] += 1
+            changed += 1
     return changed
