@@ -44,10 +44,8 @@ def _model_eager_attention(module: nn.Module):
 def _recomputed_eager_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers attention interface: the model's own eager attention, its inside recomputed in
     the backward (only query, key, value and the mask are kept). Without gradients, or where the
-    model's file has no eager function to recompute, the plain eager function runs."""
-    eager = _model_eager_attention(module)
-    if eager is None:
-        from transformers.models.llama.modeling_llama import eager_attention_forward as eager
+    model asks for the probabilities, the plain eager function runs."""
+    eager = _model_eager_attention(module)  # recomputed_attention switched to us only where there is one
     if not (torch.is_grad_enabled() and query.requires_grad) or kwargs.get("output_attentions"):
         return eager(module, query, key, value, attention_mask, **kwargs)
     # Dropout draws random masks: keep the RNG state so the recomputation draws the same ones.
@@ -69,10 +67,13 @@ def _register_attention() -> None:
 @contextlib.contextmanager
 def recomputed_attention(model: nn.Module) -> Iterator[None]:
     """Run the block with eager attention recomputed in the backward, where `model` (a
-    transformers model, or a peft model around one) runs eager attention; any other kernel
-    (SDPA and flash attention keep no probabilities) is left as it is. Restored after."""
+    transformers model, or a peft model around one) runs eager attention and its attention
+    modules' files define the eager function to recompute; any other kernel (SDPA and flash
+    attention keep no probabilities) is left as it is. Restored after."""
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if getattr(lm.config, "_attn_implementation", None) != "eager" or not hasattr(lm, "set_attn_implementation"):
+    attention = [m for m in lm.modules() if type(m).__name__.endswith("Attention")]
+    if (getattr(lm.config, "_attn_implementation", None) != "eager" or not hasattr(lm, "set_attn_implementation")
+            or not attention or any(_model_eager_attention(m) is None for m in attention)):
         yield
         return
     _register_attention()
