@@ -1,24 +1,29 @@
-"""Training passes that keep fewer activations, exactly: cheap tensors recomputed in the backward.
+"""Training passes that keep fewer activations: cheap tensors made again in the backward.
 
 A training forward keeps, for its backward, every tensor each operation saved. On a LoRA model
-with a frozen base most of those are cheap to make again and expensive to hold. Counted on one
+with a frozen base many of those are cheap to make again and expensive to hold. Counted on one
 PPO policy update of SmolLM2-135M (bfloat16 base, 8 sequences of 87 tokens; a
 `saved_tensors_hooks` count), ~610 MB were kept, of which:
 
 - eager attention, ~170 MB: the float32 softmax output, its bfloat16 copy, and the keys and
-  values repeated once per query head (grouped-query attention). Recomputing them needs the
-  queries and the un-repeated keys and values (~40 MB), and costs one more QKᵀ and softmax per
-  layer: at these lengths under 1 % of a layer's FLOPs.
-- SwiGLU, 64 MB: `silu(gate) * up` keeps silu(gate) beside gate and up. It is one elementwise
-  pass from gate.
+  values repeated once per query head (grouped-query attention). Making them again needs only
+  the queries and the un-repeated keys and values (~40 MB): one more QKᵀ and softmax per layer,
+  under 1 % of a layer's FLOPs. `recomputed_attention` switches a model's eager attention to a
+  kernel that keeps only those, for the block of one update.
+- SwiGLU, 64 MB: `silu(gate) * up` keeps silu(gate) beside gate and up; it is one elementwise
+  pass from gate. `keep_fewer_activations` gives SwiGLU MLPs a forward that keeps gate and up.
 
-Every recomputation runs the same operations on the same inputs, so values and gradients are
-those of the plain pass bit for bit (tests/test_recompute.py). Nothing changes without gradients:
-sampling and scoring passes run the modules as they are.
+Values are unchanged bit for bit: every forward runs the same operations as before, so a
+rollout's scores (no gradients, plain modules) still equal an update's. Gradients are autograd's
+own formulas on the same tensors; tests/test_recompute.py checks them equal to the plain pass's.
+Nothing changes without gradients.
 
 Not recomputed: RMSNorm's float32 copy of its input (~96 MB there). Recomputing the norms cost
-~30 ms per update, their forward being eight elementwise passes each, for ~48 MB; the trade was
-not worth it (measured in one process, alternating).
+~30 ms per update, their forward being eight elementwise passes each, for ~48 MB kept less; the
+trade was not worth it. Measured in one process, alternating, on the PPO benchmark's batch
+(2-core AVX512-BF16 CPU): a policy plus a value update took 1.43 s plain, 1.45 s with the
+attention kernel, 1.47 s with both (torch's generic checkpoint in place of the attention kernel:
+1.51 s); bench/ppo_vs_trl.py's peak resident memory went from 2.02-2.05 to 1.76-1.80 GB.
 """
 
 from __future__ import annotations
@@ -41,6 +46,69 @@ def _model_eager_attention(module: nn.Module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
+def _is_standard_eager(eager) -> bool:
+    """Whether `eager` is transformers' standard eager attention (Llama's, which most
+    architectures import or copy verbatim): softmax(q kᵀ · scaling + mask) v over repeated
+    key/value heads, nothing else. Compared by compiled code, so a copy counts and a variant
+    (soft-capping, sinks) does not."""
+    from transformers.models.llama.modeling_llama import eager_attention_forward as llama
+
+    if eager is llama:
+        return True
+    a, b = getattr(eager, "__code__", None), llama.__code__
+    return a is not None and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+
+
+def _probabilities(query, key, attention_mask, scaling: float, n_rep: int):
+    """The standard eager attention's probabilities, by its own operations in its own order (so
+    equal to its bit for bit): float32, and in the query's dtype."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    scores = torch.matmul(query, repeat_kv(key, n_rep).transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32)
+    return probs, probs.to(query.dtype)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """The standard eager attention (dropout off) keeping only query, key, value and the mask: the
+    probabilities are made again in the backward by the forward's own operations. The forward
+    output is eager's own; the gradients are autograd's formulas for eager's graph (bmm, softmax,
+    the scale, repeat_kv's sum over each key/value head's group), equal to autograd's gradient to
+    float rounding (tests/test_recompute.py)."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, attention_mask, scaling: float, n_rep: int):
+        from transformers.models.llama.modeling_llama import repeat_kv
+
+        _, probs = _probabilities(query, key, attention_mask, scaling, n_rep)
+        ctx.save_for_backward(query, key, value, attention_mask)
+        ctx.scaling, ctx.n_rep = scaling, n_rep
+        return torch.matmul(probs, repeat_kv(value, n_rep))  # (batch, heads, length, head_dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from transformers.models.llama.modeling_llama import repeat_kv
+
+        query, key, value, mask = ctx.saved_tensors
+        n_rep = ctx.n_rep
+        probs32, probs = _probabilities(query, key, mask, ctx.scaling, n_rep)
+        grad = grad.to(probs.dtype)
+
+        def per_kv_head(t):  # repeat_kv's backward: sum each key/value head's group of query heads
+            b, h, length, d = t.shape
+            return t.view(b, h // n_rep, n_rep, length, d).sum(2) if n_rep > 1 else t
+
+        grad_value = per_kv_head(torch.matmul(probs.transpose(2, 3), grad))
+        grad_probs = torch.matmul(grad, repeat_kv(value, n_rep).transpose(2, 3))
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs.to(torch.float32), probs32, -1, torch.float32)
+        grad_scores = grad_scores.to(query.dtype) * ctx.scaling
+        grad_query = torch.matmul(grad_scores, repeat_kv(key, n_rep))
+        grad_key = per_kv_head(torch.matmul(grad_scores.transpose(2, 3), query))
+        return grad_query, grad_key, grad_value, None, None, None
+
+
 def _recomputed_eager_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers attention interface: the model's own eager attention, its inside recomputed in
     the backward (only query, key, value and the mask are kept). Without gradients, or where the
@@ -48,8 +116,12 @@ def _recomputed_eager_attention(module, query, key, value, attention_mask, **kwa
     eager = _model_eager_attention(module)  # recomputed_attention switched to us only where there is one
     if not (torch.is_grad_enabled() and query.requires_grad) or kwargs.get("output_attentions"):
         return eager(module, query, key, value, attention_mask, **kwargs)
-    # Dropout draws random masks: keep the RNG state so the recomputation draws the same ones.
-    # Non-reentrant: the recomputed graph joins the backward where the kept one would have, so the
+    if kwargs.get("dropout", 0.0) == 0 and _is_standard_eager(eager) and not (attention_mask is not None and attention_mask.requires_grad):
+        out = _EagerAttention.apply(query, key, value, attention_mask, kwargs["scaling"],
+                                    module.num_key_value_groups)
+        return out.transpose(1, 2).contiguous(), None
+    # Any other eager function (or dropout): recomputed whole by torch's checkpoint. Dropout draws
+    # random masks: the RNG state is kept so the recomputation draws the same ones. Non-reentrant: the recomputed graph joins the backward where the kept one would have, so the
     # gradients are accumulated in the same order and come out bit for bit the same.
     out, _ = checkpoint(eager, module, query, key, value, attention_mask, use_reentrant=False,
                         determinism_check="none", preserve_rng_state=kwargs.get("dropout", 0.0) > 0, **kwargs)
