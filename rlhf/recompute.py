@@ -23,7 +23,7 @@ Not recomputed: RMSNorm's float32 copy of its input (~96 MB there). Recomputing 
 trade was not worth it. Measured in one process, alternating, on the PPO benchmark's batch
 (2-core AVX512-BF16 CPU): a policy plus a value update took 1.43 s plain, 1.45 s with the
 attention kernel, 1.47 s with both (torch's generic checkpoint in place of the attention kernel:
-1.51 s); bench/ppo_vs_trl.py's peak resident memory went from 2.02-2.05 to 1.76-1.80 GB.
++0.08 s in an earlier run); bench/ppo_vs_trl.py's peak resident memory went from 2.02-2.05 to 1.76-1.80 GB.
 """
 
 from __future__ import annotations

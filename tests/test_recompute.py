@@ -114,3 +114,27 @@ def test_only_what_can_be_recomputed_exactly_is_changed():
         assert sdpa.get_base_model().config._attn_implementation == "sdpa"
     with recomputed_attention(model):
         assert model.get_base_model().config._attn_implementation == RECOMPUTED_EAGER
+
+
+def test_the_attention_kernel_is_used_for_the_standard_eager_function_only():
+    """Eager functions that are Llama's, or a verbatim copy of it (most architectures), get the
+    kernel; a variant (here soft-capped scores) would get the wrong gradients from it and is
+    recomputed whole instead."""
+    from transformers.models.llama import modeling_llama
+    from transformers.models.qwen2 import modeling_qwen2
+
+    from rlhf.recompute import _is_standard_eager
+
+    assert _is_standard_eager(modeling_llama.eager_attention_forward)
+    assert _is_standard_eager(modeling_qwen2.eager_attention_forward)
+
+    def soft_capped(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+        key_states = modeling_llama.repeat_kv(key, module.num_key_value_groups)
+        value_states = modeling_llama.repeat_kv(value, module.num_key_value_groups)
+        scores = torch.tanh(torch.matmul(query, key_states.transpose(2, 3)) * scaling / 50) * 50
+        if attention_mask is not None:
+            scores = scores + attention_mask
+        probs = torch.nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        return torch.matmul(probs, value_states).transpose(1, 2).contiguous(), probs
+
+    assert not _is_standard_eager(soft_capped)
