@@ -12,18 +12,22 @@ PPO policy update of SmolLM2-135M (bfloat16 base, 8 sequences of 87 tokens; a
   kernel that keeps only those, for the block of one update.
 - SwiGLU, 64 MB: `silu(gate) * up` keeps silu(gate) beside gate and up; it is one elementwise
   pass from gate. `keep_fewer_activations` gives SwiGLU MLPs a forward that keeps gate and up.
+- RMSNorm, ~96 MB: transformers' RMSNorm casts its input to float32, and autograd keeps that
+  copy. `keep_fewer_activations` gives Llama-style RMSNorms a forward that keeps the input as it
+  comes (bfloat16: half the bytes) and each row's 1/rms, with autograd's chain written out.
 
-Values are unchanged bit for bit: every forward runs the same operations as before, so a
-rollout's scores (no gradients, plain modules) still equal an update's. Gradients are autograd's
-own formulas on the same tensors; tests/test_recompute.py checks them equal to the plain pass's.
-Nothing changes without gradients.
+That is ~240 MB of the ~610 (368 MB kept, counted the same way). Values are unchanged bit for
+bit: every forward runs the same operations as before, so a rollout's scores (no gradients,
+plain modules) still equal an update's. Gradients are autograd's own formulas on the same
+tensors: equal to the plain pass's bit for bit in tests/test_recompute.py, and on SmolLM2's
+policy and value LoRA gradients for the PPO benchmark's batch, in both precisions. Nothing
+changes without gradients.
 
-Not recomputed: RMSNorm's float32 copy of its input (~96 MB there). Recomputing the norms cost
-~30 ms per update, their forward being eight elementwise passes each, for ~48 MB kept less; the
-trade was not worth it. Measured in one process, alternating, on the PPO benchmark's batch
-(2-core AVX512-BF16 CPU): a policy plus a value update took 1.43 s plain, 1.45 s with the
-attention kernel, 1.47 s with both (torch's generic checkpoint in place of the attention kernel:
-+0.08 s in an earlier run); bench/ppo_vs_trl.py's peak resident memory went from 2.02-2.05 to 1.76-1.80 GB.
+Measured in one process, alternating, on that batch (2-core AVX512-BF16 CPU, bfloat16 base, 16
+rounds): a policy plus a value update took 1.42 s plain and 1.48 s with all three (attention
++0.04 s, the norms and the MLPs +0.01 s each; torch's generic checkpoint in place of the attention
+kernel cost +0.08 s in an earlier run, and recomputing the norms whole under it +0.05 s).
+bench/ppo_vs_trl.py's peak resident memory went from 2.02-2.05 to 1.76-1.82 GB.
 """
 
 from __future__ import annotations
@@ -171,6 +175,54 @@ class _SiluTimes(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
+class _RMSNorm(torch.autograd.Function):
+    """transformers' (Llama's) RMSNorm with a frozen weight, keeping its input in the input's own
+    dtype and each row's 1/rms instead of the float32 copy autograd would keep: the forward runs
+    the module's own operations; the backward is autograd's chain for them written out (the
+    weight's product, the casts, the product with 1/rms and its row sum, rsqrt, mean and pow)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        x32 = x.to(torch.float32)
+        variance = x32.pow(2).mean(-1, keepdim=True)
+        inv_rms = torch.rsqrt(variance + eps)
+        ctx.save_for_backward(x, inv_rms, weight)
+        return weight * (x32 * inv_rms).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, inv_rms, weight = ctx.saved_tensors
+        x32 = x.to(torch.float32)
+        grad_normed = (grad * weight).to(torch.float32)
+        grad_inv_rms = (grad_normed * x32).sum(-1, keepdim=True)
+        grad_variance = -0.5 * grad_inv_rms * inv_rms.pow(3)
+        grad_squares = grad_variance.expand(x32.shape) / x32.shape[-1]
+        grad_x = grad_normed * inv_rms + grad_squares * (2 * x32.pow(1))
+        return grad_x.to(x.dtype), None, None
+
+
+def _is_llama_rmsnorm(module: nn.Module) -> bool:
+    """A module whose forward is Llama's RMSNorm (most architectures copy it verbatim), compared by
+    compiled code; Gemma's (1 + weight) and other variants do not count."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    a, b = getattr(type(module).forward, "__code__", None), LlamaRMSNorm.forward.__code__
+    return (a is not None and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
+            and isinstance(getattr(module, "weight", None), torch.Tensor))
+
+
+def _rmsnorm_forward(norm: nn.Module):
+    plain = norm.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        # A float32 input is its own float32 copy: nothing to keep less, and the plain graph's
+        # gradient sums in its own order with the residual stream's.
+        if torch.is_grad_enabled() and x.requires_grad and x.dtype != torch.float32 and not norm.weight.requires_grad:
+            return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+        return plain(x)
+    return forward
+
+
 def _swiglu_forward(mlp: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
@@ -197,15 +249,21 @@ def _is_swiglu(mlp: nn.Module) -> bool:
         return torch.equal(mlp(probe), _swiglu_forward(mlp)(probe))
 
 
-def keep_fewer_activations(model: nn.Module) -> int:
-    """Make `model`'s SwiGLU MLPs keep gate and up only, by giving them an instance `forward`
-    (their parameters, names and state dicts are unchanged). MLPs that already have an instance
-    forward (accelerate's offloading hooks) are left alone. Returns how many MLPs were changed.
+def keep_fewer_activations(model: nn.Module) -> dict[str, int]:
+    """Make `model`'s SwiGLU MLPs keep gate and up only, and its (Llama-style) RMSNorms keep their
+    input as it comes instead of a float32 copy, by giving those modules an instance `forward`
+    (parameters, names and state dicts are unchanged). Modules that already have an instance
+    forward (accelerate's offloading hooks) are left alone. Returns how many of each were changed.
 
     Attention is switched per pass, with `recomputed_attention` (a kernel name, not a module)."""
-    changed = 0
+    changed = {"rmsnorm": 0, "swiglu": 0}
     for module in model.modules():
-        if "forward" not in vars(module) and _is_swiglu(module):
+        if "forward" in vars(module):
+            continue
+        if _is_llama_rmsnorm(module):
+            module.forward = _rmsnorm_forward(module)
+            changed["rmsnorm"] += 1
+        elif _is_swiglu(module):
             module.forward = _swiglu_forward(module)
-            changed += 1
+            changed["swiglu"] += 1
     return changed

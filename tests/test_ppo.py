@@ -582,7 +582,7 @@ def test_activation_checkpointing_gives_the_same_update_and_keeps_fewer_activati
                                      attn_implementation=attn)
         lm = roles.model.get_base_model()
         replaced = [m for m in lm.modules() if "forward" in vars(m)]
-        assert len(replaced) == (0 if checkpointing else lm.config.num_hidden_layers)  # each layer's MLP
+        assert len(replaced) == (0 if checkpointing else 3 * lm.config.num_hidden_layers + 1)  # MLP, 2 norms; final norm
         ppo = cfg.ppo.model_copy(update={"ppo_epochs": 1, "rollout_batch_size": 4, "num_mini_batches": 1,
                                          "micro_batch_size": 2})
         ro = rollout_for(cfg, tok, roles, n=4, micro=2)
