@@ -65,28 +65,29 @@ def _is_standard_eager(eager) -> bool:
 
 def _probabilities(query, key, attention_mask, scaling: float, n_rep: int):
     """The standard eager attention's probabilities, by its own operations in its own order (so
-    equal to its bit for bit): float32, and in the query's dtype."""
+    equal to its bit for bit): float32, in the query's dtype, and the repeated keys they used."""
     from transformers.models.llama.modeling_llama import repeat_kv
 
-    scores = torch.matmul(query, repeat_kv(key, n_rep).transpose(2, 3)) * scaling
+    keys = repeat_kv(key, n_rep)
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scaling
     if attention_mask is not None:
         scores = scores + attention_mask
     probs = F.softmax(scores, dim=-1, dtype=torch.float32)
-    return probs, probs.to(query.dtype)
+    return probs, probs.to(query.dtype), keys
 
 
 class _EagerAttention(torch.autograd.Function):
     """The standard eager attention (dropout off) keeping only query, key, value and the mask: the
     probabilities are made again in the backward by the forward's own operations. The forward
     output is eager's own; the gradients are autograd's formulas for eager's graph (bmm, softmax,
-    the scale, repeat_kv's sum over each key/value head's group), equal to autograd's gradient to
-    float rounding (tests/test_recompute.py)."""
+    the scale, repeat_kv's sum over each key/value head's group) on the same tensors: equal to
+    autograd's bit for bit in tests/test_recompute.py and on SmolLM2."""
 
     @staticmethod
     def forward(ctx, query, key, value, attention_mask, scaling: float, n_rep: int):
         from transformers.models.llama.modeling_llama import repeat_kv
 
-        _, probs = _probabilities(query, key, attention_mask, scaling, n_rep)
+        _, probs, _ = _probabilities(query, key, attention_mask, scaling, n_rep)
         ctx.save_for_backward(query, key, value, attention_mask)
         ctx.scaling, ctx.n_rep = scaling, n_rep
         return torch.matmul(probs, repeat_kv(value, n_rep))  # (batch, heads, length, head_dim)
@@ -97,7 +98,7 @@ class _EagerAttention(torch.autograd.Function):
 
         query, key, value, mask = ctx.saved_tensors
         n_rep = ctx.n_rep
-        probs32, probs = _probabilities(query, key, mask, ctx.scaling, n_rep)
+        probs32, probs, keys = _probabilities(query, key, mask, ctx.scaling, n_rep)
         grad = grad.to(probs.dtype)
 
         def per_kv_head(t):  # repeat_kv's backward: sum each key/value head's group of query heads
@@ -108,7 +109,7 @@ class _EagerAttention(torch.autograd.Function):
         grad_probs = torch.matmul(grad, repeat_kv(value, n_rep).transpose(2, 3))
         grad_scores = torch.ops.aten._softmax_backward_data(grad_probs.to(torch.float32), probs32, -1, torch.float32)
         grad_scores = grad_scores.to(query.dtype) * ctx.scaling
-        grad_query = torch.matmul(grad_scores, repeat_kv(key, n_rep))
+        grad_query = torch.matmul(grad_scores, keys)
         grad_key = per_kv_head(torch.matmul(grad_scores.transpose(2, 3), query))
         return grad_query, grad_key, grad_value, None, None, None
 
