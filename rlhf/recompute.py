@@ -56,10 +56,16 @@ def _is_standard_eager(eager) -> bool:
     key/value heads, nothing else. Compared by compiled code, so a copy counts and a variant
     (soft-capping, sinks) does not."""
     from transformers.models.llama.modeling_llama import eager_attention_forward as llama
+    from transformers.models.llama.modeling_llama import repeat_kv
 
     if eager is llama:
         return True
-    a, b = getattr(eager, "__code__", None), llama.__code__
+    # A copy calls its own file's repeat_kv: that must be Llama's too.
+    return _same_code(eager, llama) and _same_code(getattr(eager, "__globals__", {}).get("repeat_kv"), repeat_kv)
+
+
+def _same_code(f, g) -> bool:
+    a, b = getattr(f, "__code__", None), g.__code__
     return a is not None and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
 
 
@@ -207,9 +213,7 @@ def _is_llama_rmsnorm(module: nn.Module) -> bool:
     compiled code; Gemma's (1 + weight) and other variants do not count."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    a, b = getattr(type(module).forward, "__code__", None), LlamaRMSNorm.forward.__code__
-    return (a is not None and (a.co_code, a.co_consts, a.co_names) == (b.co_code, b.co_consts, b.co_names)
-            and isinstance(getattr(module, "weight", None), torch.Tensor))
+    return _same_code(type(module).forward, LlamaRMSNorm.forward) and isinstance(getattr(module, "weight", None), torch.Tensor)
 
 
 def _rmsnorm_forward(norm: nn.Module):
@@ -242,8 +246,8 @@ def _is_swiglu(mlp: nn.Module) -> bool:
         return False
     weight = next(mlp.gate_proj.parameters(), None)
     in_features = getattr(mlp.gate_proj, "in_features", None)
-    if weight is None or in_features is None:
-        return False
+    if weight is None or in_features is None or not weight.is_floating_point() or weight.device.type == "meta":
+        return False  # quantized or not materialised: no probe to run, left as it is
     probe = torch.randn(1, 3, in_features, dtype=weight.dtype, device=weight.device,
                         generator=torch.Generator(device=weight.device).manual_seed(0))
     with torch.no_grad():

@@ -116,15 +116,20 @@ def test_only_what_can_be_recomputed_exactly_is_changed():
         assert model.get_base_model().config._attn_implementation == RECOMPUTED_EAGER
 
 
-def test_the_attention_kernel_is_used_for_the_standard_eager_function_only():
+def test_the_kernels_are_used_for_the_standard_eager_function_and_rmsnorm_only():
     """Eager functions that are Llama's, or a verbatim copy of it (most architectures), get the
-    kernel; a variant (here soft-capped scores) would get the wrong gradients from it and is
-    recomputed whole instead."""
+    attention kernel; a variant (here soft-capped scores) would get the wrong gradients from it and
+    is recomputed whole instead. Likewise RMSNorm: Qwen2's is Llama's, Gemma's (1 + weight) is not."""
     from transformers.models.llama import modeling_llama
     from transformers.models.qwen2 import modeling_qwen2
 
-    from rlhf.recompute import _is_standard_eager
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
+    from rlhf.recompute import _is_llama_rmsnorm, _is_standard_eager
+
+    assert _is_llama_rmsnorm(modeling_llama.LlamaRMSNorm(8)) and _is_llama_rmsnorm(Qwen2RMSNorm(8))
+    assert not _is_llama_rmsnorm(GemmaRMSNorm(8))
     assert _is_standard_eager(modeling_llama.eager_attention_forward)
     assert _is_standard_eager(modeling_qwen2.eager_attention_forward)
 

@@ -272,8 +272,8 @@ def build_roles(
     value_on_policy is then moot. no_grad_attn: the attention kernel for sampling
     (models.no_grad_attn_implementation; None keeps the model's). activation_checkpointing
     (`model.gradient_checkpointing`): the updates recompute each decoder layer in their backward
-    instead of keeping its activations (Roles.training_pass); without it, the cheap tensors of
-    attention and SwiGLU are recomputed instead of kept (rlhf.recompute). Sampling and
+    instead of keeping its activations (Roles.training_pass); without it, attention, SwiGLU and
+    RMSNorm keep less for the backward and make the rest again (rlhf.recompute). Sampling and
     scoring are unchanged either way."""
     from peft import get_peft_model
 
@@ -302,7 +302,7 @@ def build_roles(
         base.activation_checkpointing_enable({"use_reentrant": False})
         base.disable_input_require_grads()
     else:
-        keep_fewer_activations(model)  # silu(gate) recomputed in the backward, exactly
+        keep_fewer_activations(model)  # SwiGLU and RMSNorm keep less for the backward (rlhf.recompute)
     device = next(base.parameters()).device
     model.eval()  # dropout off in every role, for the whole run (docs/ppo.md §5)
     if value_head is not None:
