@@ -367,6 +367,10 @@ def run(cfg: PipelineConfig) -> Path:
                 sft_model, num_labels=1, **model_kwargs(cfg.model)
             )
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
+        if not cfg.model.gradient_checkpointing:  # with it, each layer keeps only its input anyway
+            from rlhf.recompute import train_keeping_fewer_activations
+
+            train_keeping_fewer_activations(model)
         kwargs = trainer_kwargs(cfg, STAGE, cfg.rm, has_eval=data.eval is not None)
         # rlhf.data already dropped (and reported) rows over rm.max_length; RewardTrainer's own check
         # counts an appended EOS too and would drop boundary rows silently.

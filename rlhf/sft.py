@@ -61,7 +61,11 @@ def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
+    from rlhf.recompute import train_keeping_fewer_activations
+
     model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
+    if not cfg.model.gradient_checkpointing:  # with it, each layer keeps only its input anyway
+        train_keeping_fewer_activations(model)
     args = SFTConfig(
         **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
         completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,

@@ -143,3 +143,41 @@ def test_the_kernels_are_used_for_the_standard_eager_function_and_rmsnorm_only()
         return torch.matmul(probs, value_states).transpose(1, 2).contiguous(), probs
 
     assert not _is_standard_eager(soft_capped)
+
+
+def test_sft_and_rm_stages_train_the_same_weights_as_without_the_kernels(tmp_path, monkeypatch):
+    """The SFT and RM stages train with eager attention's kernel and the leaner norms and MLPs;
+    trained again with them off, the adapters and the score head come out the same bit for bit."""
+    from safetensors.torch import load_file
+
+    import rlhf.recompute
+    from rlhf import rm, sft
+    from rlhf.config import load_config
+
+    from .conftest import one_torch_thread, write_config
+
+    real = rlhf.recompute.train_keeping_fewer_activations
+    runs = {}
+    for kernels in (True, False):
+        seen = []
+
+        def spy(model, kernels=kernels, seen=seen):
+            if kernels:
+                real(model)
+            seen.append((model.config._attn_implementation, sum("forward" in vars(m) for m in model.modules())))
+
+        monkeypatch.setattr(rlhf.recompute, "train_keeping_fewer_activations", spy)
+        folder = tmp_path / ("with" if kernels else "without")
+        folder.mkdir()
+        cfg = load_config(write_config(folder))
+        with one_torch_thread():
+            sft.run(cfg)
+            rm.run(cfg)
+        # Both stages' models: 2 layers × (2 norms + an MLP) and the final norm changed, and the kernel on.
+        assert seen == ([(rlhf.recompute.RECOMPUTED_EAGER, 7)] * 2 if kernels else [("eager", 0)] * 2)
+        runs[kernels] = cfg
+    for stage, files in (("sft", ["adapter_model.safetensors"]), ("rm", ["adapter_model.safetensors", "score_head.safetensors"])):
+        for name in files:
+            a = load_file(runs[True].stage_dir(stage) / "adapter" / name)
+            b = load_file(runs[False].stage_dir(stage) / "adapter" / name)
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (stage, name)
