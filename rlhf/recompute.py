@@ -175,9 +175,12 @@ def _transformers_model(model: nn.Module) -> nn.Module:
 
 
 def _runs_recomputable_eager(lm: nn.Module) -> bool:
-    """Eager attention, in modules whose files define the eager function to recompute."""
+    """Eager attention, in a model that dispatches attention through transformers' attention
+    interface (older model code may treat any other kernel name as another kernel), in modules
+    whose files define the eager function to recompute."""
     attention = [m for m in lm.modules() if type(m).__name__.endswith("Attention")]
     return (getattr(lm.config, "_attn_implementation", None) == "eager" and hasattr(lm, "set_attn_implementation")
+            and getattr(lm, "_supports_attention_backend", False)
             and bool(attention) and all(_model_eager_attention(m) is not None for m in attention))
 
 
