@@ -27,6 +27,17 @@ STAGES_DIR = Path(__file__).resolve().parent.parent / "stages"
 SHARDING_TYPES = {"DEEPSPEED": "DeepSpeed ZeRO", "FSDP": "FSDP"}
 
 
+def sharding_in_use() -> str | None:
+    """In a stage process: the kind of parameter sharding accelerate launched it with ("DeepSpeed
+    ZeRO", "FSDP"), or None (one process, or plain data parallel)."""
+    import os
+
+    for env, kind in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
+        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
+            return kind
+    return None
+
+
 def needs_accelerate(cfg: PipelineConfig) -> bool:
     launcher = cfg.launcher
     return launcher.num_processes > 1 or launcher.num_machines > 1 or launcher.accelerate_config is not None

@@ -189,7 +189,9 @@ def train_keeping_fewer_activations(model: nn.Module) -> None:
     attention switched to the kernel that keeps only q, k, v for good (passes without gradients
     still run plain eager), and `keep_fewer_activations`. The values and gradients are the plain
     ones; a merged export or a reload gets the model's own kernel back (the kernel name is not
-    saved in its config)."""
+    saved in its config). Not for a model that ZeRO-3 or FSDP will shard: its parameters are not
+    materialised at load time, and their wrappers own the modules; nor with activation
+    checkpointing, where each layer keeps only its input anyway (the stages check both)."""
     lm = _transformers_model(model)
     if _runs_recomputable_eager(lm):
         _register_attention()

@@ -356,6 +356,9 @@ def run(cfg: PipelineConfig) -> Path:
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
+    from rlhf.launch import sharding_in_use
+    from rlhf.recompute import train_keeping_fewer_activations
+
     stage_dir = stage.dir
     sft_model = str(cfg.stage_dir("sft") / "model")
     tokenizer = load_tokenizer(cfg.model, sft_model, need_chat_template=needs_chat_template(cfg.rm.data, cfg.seed))
@@ -367,9 +370,7 @@ def run(cfg: PipelineConfig) -> Path:
                 sft_model, num_labels=1, **model_kwargs(cfg.model)
             )
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
-        if not cfg.model.gradient_checkpointing:  # with it, each layer keeps only its input anyway
-            from rlhf.recompute import train_keeping_fewer_activations
-
+        if not cfg.model.gradient_checkpointing and not sharding_in_use():  # see train_keeping_fewer_activations
             train_keeping_fewer_activations(model)
         kwargs = trainer_kwargs(cfg, STAGE, cfg.rm, has_eval=data.eval is not None)
         # rlhf.data already dropped (and reported) rows over rm.max_length; RewardTrainer's own check

@@ -61,10 +61,11 @@ def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
+    from rlhf.launch import sharding_in_use
     from rlhf.recompute import train_keeping_fewer_activations
 
     model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
-    if not cfg.model.gradient_checkpointing:  # with it, each layer keeps only its input anyway
+    if not cfg.model.gradient_checkpointing and not sharding_in_use():  # see train_keeping_fewer_activations
         train_keeping_fewer_activations(model)
     args = SFTConfig(
         **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),

@@ -181,3 +181,23 @@ def test_sft_and_rm_stages_train_the_same_weights_as_without_the_kernels(tmp_pat
             a = load_file(runs[True].stage_dir(stage) / "adapter" / name)
             b = load_file(runs[False].stage_dir(stage) / "adapter" / name)
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (stage, name)
+
+
+def test_sharded_launches_are_recognised(monkeypatch):
+    """What the SFT and RM stages check before changing the model (ZeRO-3 and FSDP parameters are
+    not materialised at load time) and what PPO refuses."""
+    from rlhf.errors import UserError
+    from rlhf.launch import sharding_in_use
+    from rlhf.ppo.stage import _refuse_sharding
+
+    for env in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        monkeypatch.delenv(env, raising=False)
+    assert sharding_in_use() is None
+    _refuse_sharding()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert sharding_in_use() == "FSDP"
+    with pytest.raises(UserError, match="cannot run under FSDP"):
+        _refuse_sharding()
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "1")
+    assert sharding_in_use() == "DeepSpeed ZeRO"

@@ -70,13 +70,12 @@ def _rm_score_std(cfg: PipelineConfig) -> float:
 
 def _refuse_sharding() -> None:
     """Refuse ZeRO and FSDP launches."""
-    import os
+    from rlhf.launch import sharding_in_use
 
-    for env, kind in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
-            raise UserError(f"the PPO stage cannot run under {kind} (its trainable weights are LoRA adapters switched "
-                            "on one shared base, so plain data parallel is what helps); launch it with "
-                            "launcher.accelerate_config: configs/accelerate/ddp.yaml")
+    if kind := sharding_in_use():
+        raise UserError(f"the PPO stage cannot run under {kind} (its trainable weights are LoRA adapters switched "
+                        "on one shared base, so plain data parallel is what helps); launch it with "
+                        "launcher.accelerate_config: configs/accelerate/ddp.yaml")
 
 
 def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
