@@ -1,6 +1,7 @@
 """What the SFT and RM stages share: both run on a transformers Trainer (through TRL).
 
 - `trainer_kwargs`: the TrainingArguments fields that come from a TrainSection;
+- `save_activation_memory`: the model trained with less activation memory (rlhf.recompute);
 - `resume_checkpoint`: the checkpoint to resume from after an interruption (or None);
 - `export_stage`: save the adapter, fold it into the base for a merged model, mark the stage done.
 """
@@ -69,6 +70,18 @@ def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_e
         # every forward, so DDP need not search the graph for unused ones after each backward.
         ddp_find_unused_parameters=False,
     )
+
+
+def save_activation_memory(cfg: PipelineConfig, model) -> None:
+    """Train `model` keeping fewer activations (rlhf.recompute.train_keeping_fewer_activations: the
+    same weights, less memory), unless each layer keeps only its input anyway
+    (model.gradient_checkpointing) or ZeRO-3/FSDP will shard it (its parameters are not
+    materialised at load time, and their wrappers own the modules)."""
+    from rlhf.launch import sharding_in_use
+    from rlhf.recompute import train_keeping_fewer_activations
+
+    if not cfg.model.gradient_checkpointing and not sharding_in_use():
+        train_keeping_fewer_activations(model)
 
 
 def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:

@@ -32,8 +32,8 @@ def sharding_in_use() -> str | None:
     ZeRO", "FSDP"), or None (one process, or plain data parallel)."""
     import os
 
-    for env, kind in (("ACCELERATE_USE_DEEPSPEED", "DeepSpeed ZeRO"), ("ACCELERATE_USE_FSDP", "FSDP")):
-        if os.environ.get(env, "").lower() in ("1", "true", "yes"):
+    for distributed_type, kind in SHARDING_TYPES.items():  # accelerate sets ACCELERATE_USE_<type>
+        if os.environ.get(f"ACCELERATE_USE_{distributed_type}", "").lower() in ("1", "true", "yes"):
             return kind
     return None
 

@@ -38,6 +38,7 @@ attention keeps T² probabilities per head and layer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from typing import Iterator
 
@@ -55,6 +56,7 @@ def _model_eager_attention(module: nn.Module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
+@functools.cache  # asked on every attention call of an update; the answer is per function
 def _is_standard_eager(eager) -> bool:
     """Whether `eager` is transformers' standard eager attention (Llama's, which most
     architectures import or copy verbatim): softmax(q kᵀ · scaling + mask) v over repeated
@@ -137,13 +139,15 @@ def _recomputed_eager_attention(module, query, key, value, attention_mask, **kwa
                                     module.num_key_value_groups)
         return out.transpose(1, 2).contiguous(), None
     # Any other eager function (or dropout): recomputed whole by torch's checkpoint. Dropout draws
-    # random masks: the RNG state is kept so the recomputation draws the same ones. Non-reentrant: the recomputed graph joins the backward where the kept one would have, so the
-    # gradients are accumulated in the same order and come out bit for bit the same.
+    # random masks: the RNG state is kept so the recomputation draws the same ones. Non-reentrant:
+    # the recomputed graph joins the backward where the kept one would have, so the gradients are
+    # accumulated in the same order and come out bit for bit the same.
     out, _ = checkpoint(eager, module, query, key, value, attention_mask, use_reentrant=False,
                         determinism_check="none", preserve_rng_state=kwargs.get("dropout", 0.0) > 0, **kwargs)
     return out, None  # the probabilities are what is not kept
 
 
+@functools.cache  # once per process
 def _register_attention() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
@@ -191,7 +195,8 @@ def train_keeping_fewer_activations(model: nn.Module) -> None:
     ones; a merged export or a reload gets the model's own kernel back (the kernel name is not
     saved in its config). Not for a model that ZeRO-3 or FSDP will shard: its parameters are not
     materialised at load time, and their wrappers own the modules; nor with activation
-    checkpointing, where each layer keeps only its input anyway (the stages check both)."""
+    checkpointing, where each layer keeps only its input anyway (hf_trainer.save_activation_memory
+    checks both)."""
     lm = _transformers_model(model)
     if _runs_recomputable_eager(lm):
         _register_attention()

@@ -73,7 +73,8 @@ from rlhf.atomic import write_json_atomically
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, rm_data
 from rlhf.errors import UserError
-from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
+from rlhf.hf_trainer import (CRITERION, callbacks, export_merged, final_metrics, save_activation_memory,
+                              resume_checkpoint, trainer_kwargs)
 from rlhf.models import load_tokenizer, lora_config, model_kwargs
 from rlhf.rm_gate import gate_verdict
 from rlhf.runs import stage_run
@@ -356,9 +357,6 @@ def run(cfg: PipelineConfig) -> Path:
     from transformers import AutoModelForSequenceClassification, set_seed
     from trl import RewardConfig, RewardTrainer
 
-    from rlhf.launch import sharding_in_use
-    from rlhf.recompute import train_keeping_fewer_activations
-
     stage_dir = stage.dir
     sft_model = str(cfg.stage_dir("sft") / "model")
     tokenizer = load_tokenizer(cfg.model, sft_model, need_chat_template=needs_chat_template(cfg.rm.data, cfg.seed))
@@ -370,8 +368,7 @@ def run(cfg: PipelineConfig) -> Path:
                 sft_model, num_labels=1, **model_kwargs(cfg.model)
             )
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
-        if not cfg.model.gradient_checkpointing and not sharding_in_use():  # see train_keeping_fewer_activations
-            train_keeping_fewer_activations(model)
+        save_activation_memory(cfg, model)
         kwargs = trainer_kwargs(cfg, STAGE, cfg.rm, has_eval=data.eval is not None)
         # rlhf.data already dropped (and reported) rows over rm.max_length; RewardTrainer's own check
         # counts an appended EOS too and would drop boundary rows silently.

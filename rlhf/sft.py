@@ -17,7 +17,8 @@ from pathlib import Path
 from rlhf import best_checkpoint
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, sft_data
-from rlhf.hf_trainer import CRITERION, callbacks, export_merged, final_metrics, resume_checkpoint, trainer_kwargs
+from rlhf.hf_trainer import (CRITERION, callbacks, export_merged, final_metrics, save_activation_memory,
+                              resume_checkpoint, trainer_kwargs)
 from rlhf.models import load_tokenizer, lora_config, model_kwargs, resolve_model
 from rlhf.runs import stage_run
 
@@ -61,12 +62,8 @@ def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig
 
-    from rlhf.launch import sharding_in_use
-    from rlhf.recompute import train_keeping_fewer_activations
-
     model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
-    if not cfg.model.gradient_checkpointing and not sharding_in_use():  # see train_keeping_fewer_activations
-        train_keeping_fewer_activations(model)
+    save_activation_memory(cfg, model)
     args = SFTConfig(
         **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
         completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,
