@@ -251,11 +251,12 @@ def main() -> None:
         flops = 2 * f["linear"] + 3 * f["lora"] + 3 * f["attention"] + 2 * f["head"]
         rows.append({"phase": name, "s": best_time(fn, a.repeats), "flops": flops, "tokens": B * T})
     if a.compile_layers:
-        # The candidate the eager table points at: a compiler fusing each decoder layer's elementwise
-        # chains (RMSNorm, rotary, SiLU·up, LoRA's scale-and-add, casts). Every layer runs the same code,
-        # so one compilation serves all of them; its cost is the first call's.
-        for layer in roles.backbone.layers:
-            layer.compile()
+        # model.compile: a compiler fusing each decoder layer's elementwise chains (RMSNorm, rotary,
+        # SiLU·up, LoRA's scale-and-add, casts), in the updates only, as the stage runs them. Every layer
+        # runs the same code, so one compilation serves all of them; its cost is the first call's.
+        from rlhf.compile_layers import compile_layer_forwards
+
+        roles.compiled = compile_layer_forwards(roles.model)
         for name, fn, _ in updates:
             t0 = time.perf_counter()
             fn()

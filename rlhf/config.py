@@ -83,6 +83,12 @@ class ModelConfig(Section):
         "decoder layer keeps only its input and is recomputed in the backward pass, for one more forward per update "
         "and far less activation memory. Sampling and scoring are unaffected; the results are the same."
     )
+    compile: bool = _field(
+        False, description="torch.compile each decoder layer for the training passes (SFT, RM, the stage-3 updates; "
+        "sampling and PPO's rollout scoring stay eager): fused elementwise work, measured 20-26% faster PPO updates "
+        "on a CPU, for a compilation of ~10-30 s per run (a C++ compiler on CPUs, Triton on GPUs). Pays back on long "
+        "runs. Results equal eager's to a rounding, not bit for bit."
+    )
     export_dtype: Literal["float32", "bfloat16", "float16"] = _field(
         "float32",
         description="Dtype of the merged model/ folders. float32 keeps the trained LoRA update: rounding W + ΔW to "

@@ -1,7 +1,8 @@
 """What the SFT and RM stages share: both run on a transformers Trainer (through TRL).
 
 - `trainer_kwargs`: the TrainingArguments fields that come from a TrainSection;
-- `save_activation_memory`: the model trained with less activation memory (rlhf.recompute);
+- `prepare_for_training`: the model trained with less activation memory (rlhf.recompute) and,
+  with `model.compile`, compiled decoder layers (rlhf.compile_layers);
 - `resume_checkpoint`: the checkpoint to resume from after an interruption (or None);
 - `export_stage`: save the adapter, fold it into the base for a merged model, mark the stage done.
 """
@@ -72,16 +73,20 @@ def trainer_kwargs(cfg: PipelineConfig, stage: str, section: TrainSection, has_e
     )
 
 
-def save_activation_memory(cfg: PipelineConfig, model) -> None:
+def prepare_for_training(cfg: PipelineConfig, model) -> None:
     """Train `model` keeping fewer activations (rlhf.recompute.train_keeping_fewer_activations: the
     same weights, less memory), unless each layer keeps only its input anyway
     (model.gradient_checkpointing) or ZeRO-3/FSDP will shard it (its parameters are not
-    materialised at load time, and their wrappers own the modules)."""
+    materialised at load time, and their wrappers own the modules); and with `model.compile`, run
+    its decoder layers compiled (rlhf.compile_layers)."""
+    from rlhf.compile_layers import compile_layers_for_training
     from rlhf.launch import sharding_in_use
     from rlhf.recompute import train_keeping_fewer_activations
 
     if not cfg.model.gradient_checkpointing and not sharding_in_use():
         train_keeping_fewer_activations(model)
+    if cfg.model.compile:
+        compile_layers_for_training(model)
 
 
 def resume_checkpoint(cfg: PipelineConfig, stage: str) -> str | None:

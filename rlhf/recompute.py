@@ -56,8 +56,18 @@ def _model_eager_attention(module: nn.Module):
     return getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
 
 
-@functools.cache  # asked on every attention call of an update; the answer is per function
+_STANDARD_EAGER: dict = {}  # eager function -> _is_standard_eager's answer
+
+
 def _is_standard_eager(eager) -> bool:
+    """Asked on every attention call of an update, answered once per function (a plain dict, not
+    functools.cache, which compiled layers (model.compile) would warn about and trace through)."""
+    if eager not in _STANDARD_EAGER:
+        _STANDARD_EAGER[eager] = _standard_eager(eager)
+    return _STANDARD_EAGER[eager]
+
+
+def _standard_eager(eager) -> bool:
     """Whether `eager` is transformers' standard eager attention (Llama's, which most
     architectures import or copy verbatim): softmax(q kᵀ · scaling + mask) v over repeated
     key/value heads, nothing else. Compared by compiled code, so a copy counts and a variant
@@ -195,7 +205,7 @@ def train_keeping_fewer_activations(model: nn.Module) -> None:
     ones; a merged export or a reload gets the model's own kernel back (the kernel name is not
     saved in its config). Not for a model that ZeRO-3 or FSDP will shard: its parameters are not
     materialised at load time, and their wrappers own the modules; nor with activation
-    checkpointing, where each layer keeps only its input anyway (hf_trainer.save_activation_memory
+    checkpointing, where each layer keeps only its input anyway (hf_trainer.prepare_for_training
     checks both)."""
     lm = _transformers_model(model)
     if _runs_recomputable_eager(lm):

@@ -73,7 +73,7 @@ from rlhf.atomic import write_json_atomically
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, rm_data
 from rlhf.errors import UserError
-from rlhf.hf_trainer import (CRITERION, callbacks, export_merged, final_metrics, save_activation_memory,
+from rlhf.hf_trainer import (CRITERION, callbacks, export_merged, final_metrics, prepare_for_training,
                               resume_checkpoint, trainer_kwargs)
 from rlhf.models import load_tokenizer, lora_config, model_kwargs
 from rlhf.rm_gate import gate_verdict
@@ -368,7 +368,7 @@ def run(cfg: PipelineConfig) -> Path:
                 sft_model, num_labels=1, **model_kwargs(cfg.model)
             )
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
-        save_activation_memory(cfg, model)
+        prepare_for_training(cfg, model)
         kwargs = trainer_kwargs(cfg, STAGE, cfg.rm, has_eval=data.eval is not None)
         # rlhf.data already dropped (and reported) rows over rm.max_length; RewardTrainer's own check
         # counts an appended EOS too and would drop boundary rows silently.

@@ -17,7 +17,7 @@ from pathlib import Path
 from rlhf import best_checkpoint
 from rlhf.config import PipelineConfig
 from rlhf.data import needs_chat_template, sft_data
-from rlhf.hf_trainer import (CRITERION, callbacks, export_merged, final_metrics, save_activation_memory,
+from rlhf.hf_trainer import (CRITERION, callbacks, export_merged, final_metrics, prepare_for_training,
                               resume_checkpoint, trainer_kwargs)
 from rlhf.models import load_tokenizer, lora_config, model_kwargs, resolve_model
 from rlhf.runs import stage_run
@@ -63,7 +63,7 @@ def make_trainer(cfg: PipelineConfig, base_path: str, tokenizer, data):
     from trl import SFTConfig
 
     model = AutoModelForCausalLM.from_pretrained(base_path, **model_kwargs(cfg.model))
-    save_activation_memory(cfg, model)
+    prepare_for_training(cfg, model)
     args = SFTConfig(
         **trainer_kwargs(cfg, STAGE, cfg.sft, has_eval=data.eval is not None),
         completion_only_loss=cfg.sft.completion_only_loss if "prompt" in data.train.column_names else None,

@@ -26,7 +26,8 @@ from tests.conftest import write_config
 
 def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, dtype=torch.float32,
                score_mean: float = 0.0, algorithm: str = "ppo", overrides: tuple[str, ...] = (),
-               activation_checkpointing: bool = False, attn_implementation: str | None = None):
+               activation_checkpointing: bool = False, attn_implementation: str | None = None,
+               compile_layers: bool = False):
     """The roles as the stage builds them for `algorithm` (a critic for ppo only); cfg has ppo.algorithm
     and `overrides` set. attn_implementation None: transformers' default kernel."""
     from transformers import AutoModelForCausalLM
@@ -41,7 +42,7 @@ def make_roles(config_path: Path, seed: int = 0, value_on_policy: bool = False, 
     base = AutoModelForCausalLM.from_pretrained(sft, dtype=dtype, **kwargs)
     roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), cfg.stage_dir("rm") / "adapter", value_on_policy,
                         score_mean=score_mean, critic=needs_critic(algorithm),
-                        activation_checkpointing=activation_checkpointing)
+                        activation_checkpointing=activation_checkpointing, compile_layers=compile_layers)
     return cfg, tok, roles
 
 

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from torch import nn
 
+from rlhf.compile_layers import compile_layer_forwards, compiled_layers
 from rlhf.models import attention_implementation
 from rlhf.recompute import keep_fewer_activations, recomputed_attention
 from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
@@ -54,6 +55,7 @@ class Roles:
     value_on_policy: bool = False  # the cheaper variant: value head on the policy adapter's hidden states
     no_grad_attn: str | None = None  # attention kernel for sampling (models.no_grad_attn_implementation)
     activation_checkpointing: bool = False  # recompute the decoder layers in the updates' backward passes
+    compiled: list = field(default_factory=list)  # (layer, compiled forward) for the updates (model.compile)
 
     def no_grad_attention(self):
         """Context: sampling runs with `no_grad_attn` (a no-op with gradients on)."""
@@ -79,7 +81,7 @@ class Roles:
             # Without layer checkpointing, attention keeps only its inputs (rlhf.recompute); with it the
             # whole layer is recomputed anyway.
             attention = contextlib.nullcontext() if self.activation_checkpointing else recomputed_attention(self.model)
-            with _adapter_flags(self.model, adapter), attention:
+            with _adapter_flags(self.model, adapter), attention, compiled_layers(self.compiled):
                 yield
         finally:
             for layer, training in zip(layers, saved):
@@ -261,6 +263,7 @@ def centred_value_head(reward_adapter_dir: Path, hidden_size: int, score_mean: f
 def build_roles(
     base: nn.Module, policy_lora, reward_adapter_dir: Path, value_on_policy: bool = False, score_mean: float = 0.0,
     critic: bool = True, no_grad_attn: str | None = None, activation_checkpointing: bool = False,
+    compile_layers: bool = False,
 ) -> Roles:
     """Wrap a loaded causal LM (`sft/model`) into the PPO roles.
 
@@ -273,8 +276,9 @@ def build_roles(
     (models.no_grad_attn_implementation; None keeps the model's). activation_checkpointing
     (`model.gradient_checkpointing`): the updates recompute each decoder layer in their backward
     instead of keeping its activations (Roles.training_pass); without it, attention, SwiGLU and
-    RMSNorm keep less for the backward and make the rest again (rlhf.recompute). Sampling and
-    scoring are unchanged either way."""
+    RMSNorm keep less for the backward and make the rest again (rlhf.recompute). compile_layers
+    (`model.compile`): the updates run each decoder layer through torch.compile
+    (rlhf.compile_layers). Sampling and scoring are unchanged either way."""
     from peft import get_peft_model
 
     base.requires_grad_(False)
@@ -307,8 +311,9 @@ def build_roles(
     model.eval()  # dropout off in every role, for the whole run (docs/ppo.md §5)
     if value_head is not None:
         value_head = value_head.to(device).eval()
+    compiled = compile_layer_forwards(model) if compile_layers else []
     return Roles(model, reward_head.to(device).eval(), value_head, value_on_policy and critic, no_grad_attn,
-                 activation_checkpointing)
+                 activation_checkpointing, compiled)
 
 
 def _contiguous_lm_head_input(lm: nn.Module) -> None:

@@ -132,7 +132,8 @@ def run(cfg: PipelineConfig, fresh: bool = False) -> Path:
         roles = build_roles(base, lora_config(cfg.lora, "CAUSAL_LM"), rm_adapter, cfg.ppo.value_head_on_policy,
                             score_mean=rm_mean, critic=needs_critic(cfg.ppo.algorithm),
                             no_grad_attn=no_grad_attn_implementation(cfg.model),
-                            activation_checkpointing=cfg.model.gradient_checkpointing)
+                            activation_checkpointing=cfg.model.gradient_checkpointing,
+                            compile_layers=cfg.model.compile)
         tracker = Tracker(cfg, STAGE) if stage.is_main else None
         if tracker is not None:
             on_exit.callback(tracker.finish)  # also when the stage fails
