@@ -30,6 +30,8 @@ import time
 from collections import defaultdict
 
 PHASES: dict[str, float] = defaultdict(float)
+STEP_STARTS: list[float] = []  # perf_counter at the start of each PPO step (its rollout's first call)
+LOOP_END: list[float] = []  # perf_counter when the baseline's train() returned
 
 
 def timed(fn, phase, nests: bool = True):
@@ -53,6 +55,34 @@ def timed(fn, phase, nests: bool = True):
 timed.depth = 0
 
 
+def marks_step_start(fn):
+    """`fn`, called once at the start of every step: records when (STEP_STARTS)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        STEP_STARTS.append(time.perf_counter())
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def ends_loop(fn):
+    """`fn` (the baseline's train()), recording when it returns (LOOP_END)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            LOOP_END.append(time.perf_counter())
+    return wrapper
+
+
+def after_first_step(end: float) -> float | None:
+    """Seconds per step after the first (compilation and warm-up are in the first), from
+    STEP_STARTS to `end` (the loop's end); None with fewer than two steps."""
+    if len(STEP_STARTS) < 2:
+        return None
+    return round((end - STEP_STARTS[1]) / (len(STEP_STARTS) - 1), 3)
+
+
 def by_grad_mode(with_grad: str, without_grad: str):
     import torch
 
@@ -70,10 +100,11 @@ def instrument_trl112() -> None:
     import trl.experimental.ppo.ppo_trainer as ppo
 
     instrument_common()
-    ppo.batch_generation = timed(ppo.batch_generation, "generation")
+    ppo.batch_generation = marks_step_start(timed(ppo.batch_generation, "generation"))  # once per step
     ppo.forward = timed(ppo.forward, by_grad_mode("update forward", "rollout scoring"))
     ppo.get_reward = timed(ppo.get_reward, by_grad_mode("update forward", "rollout scoring"))
-    ppo.PPOTrainer.train = timed(ppo.PPOTrainer.train, "total", nests=False)
+    ppo.PPOTrainer.train = ends_loop(timed(ppo.PPOTrainer.train, "total", nests=False))
+
 
 
 def instrument_ours() -> None:
@@ -82,6 +113,7 @@ def instrument_ours() -> None:
     import rlhf.sampling as sampling
 
     instrument_common()
+    trainer.collect_rollout = marks_step_start(trainer.collect_rollout)  # once per step
     sampling.generate = timed(sampling.generate, "generation")
     sampling.sequence_scores = timed(sampling.sequence_scores, "rollout scoring")
     for module, phase in ((rollout, "rollout scoring"), (trainer, "update forward")):
@@ -104,7 +136,8 @@ def main() -> None:
     instrument_trl112()
     sys.argv = [script, *args]
     runpy.run_path(script, run_name="__main__")
-    print(json.dumps({"phases_s": {k: round(v, 3) for k, v in PHASES.items()}}), flush=True)
+    print(json.dumps({"phases_s": {k: round(v, 3) for k, v in PHASES.items()},
+                      "s_per_step_after_first": after_first_step(LOOP_END[-1]) if LOOP_END else None}), flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared" / "bench"
 
-from phase_times import PHASES, instrument_ours, per_step  # noqa: E402  (bench/, beside this script)
+from phase_times import PHASES, after_first_step, instrument_ours, per_step  # noqa: E402  (bench/, beside this script)
 
 
 def prompts(tok, n: int) -> list[list[int]]:
@@ -86,7 +86,7 @@ def run_ours(a) -> dict:
     base = AutoModelForCausalLM.from_pretrained(a.model_dir, **model_kwargs(model_cfg))  # our defaults, attention included
     roles = build_roles(base, lora_config(LoraSection(r=16, alpha=32, dropout=0.0), "CAUSAL_LM"), adapter,
                         value_on_policy=a.value_on_policy, no_grad_attn=no_grad_attn_implementation(model_cfg),
-                        activation_checkpointing=a.activation_checkpointing)
+                        activation_checkpointing=a.activation_checkpointing, compile_layers=a.compile)
     ppo = PPOConfig(data={"path": "unused.jsonl"}, steps=a.steps, rollout_batch_size=a.batch, micro_batch_size=a.batch,
                     num_mini_batches=1, ppo_epochs=a.ppo_epochs, response_length=a.response_length, learning_rate=1e-5,
                     temperature=0.7, missing_eos_score=None, missing_eos_penalty=1.0, save_every=10**6,
@@ -96,13 +96,14 @@ def run_ours(a) -> dict:
     run_loop(roles, tok, ids, texts, ppo, seed=0, rm_mean=0.0, ckpt_root=tmp / "ckpt", config_hash="bench",
              metrics_writer=MetricsWriter(tmp / "metrics.jsonl", enabled=False), samples_path=tmp / "samples.jsonl",
              resume=False)
-    dt = time.perf_counter() - t
+    end = time.perf_counter()
+    dt = end - t
     del torch
     return {"impl": "rlhf" + ("-value-on-policy" if a.value_on_policy else ""),
-            "activation_checkpointing": a.activation_checkpointing, "dtype": str(dtype).replace("torch.", ""),
+            "activation_checkpointing": a.activation_checkpointing, "compile": a.compile, "dtype": str(dtype).replace("torch.", ""),
             "attn_implementation": base.config._attn_implementation, "batch": a.batch,
             "response_length": a.response_length, "ppo_epochs": a.ppo_epochs, "steps": a.steps,
-            "s_per_step": round(dt / a.steps, 3), "episodes_per_s": round(a.batch * a.steps / dt, 4),
+            "s_per_step": round(dt / a.steps, 3), "s_per_step_after_first": after_first_step(end), "episodes_per_s": round(a.batch * a.steps / dt, 4),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),
             "phases_s_per_step": per_step(PHASES, dt, a.steps)}
 
@@ -120,6 +121,7 @@ def compare(a, dtype: str, env: dict, adapter: Path, common: list[str]) -> dict:
     ours_cmd = [sys.executable, __file__, "--ours", "--model-dir", a.model_dir, "--adapter", str(adapter), *common]
     ours_cmd += ["--dtype", dtype] + (["--value-on-policy"] if a.value_on_policy else [])
     ours_cmd += ["--activation-checkpointing"] if a.activation_checkpointing else []
+    ours_cmd += ["--compile"] if a.compile else []
     ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=env, check=True).stdout)
     print(json.dumps(ours), flush=True)
     if a.skip_baseline:
@@ -129,11 +131,16 @@ def compare(a, dtype: str, env: dict, adapter: Path, common: list[str]) -> dict:
     base_cmd = [py, str(Path(__file__).with_name("phase_times.py")), str(SHARED / "trl112_ppo_baseline.py"),
                 a.model_dir, *common, "--dtype", dtype]
     out = subprocess.run(base_cmd, capture_output=True, text=True, env=env, check=True).stdout
-    base, phases = last_json(out), last_json(out, "phases_s")["phases_s"]
+    base, timing = last_json(out), last_json(out, "phases_s")
+    phases = timing["phases_s"]
+    base["s_per_step_after_first"] = timing["s_per_step_after_first"]
     base["phases_s_per_step"] = per_step(phases, phases["total"], a.steps)
     print(json.dumps(base), flush=True)
     return {"dtype": dtype, "throughput_ratio": round(ours["episodes_per_s"] / base["episodes_per_s"], 3),
             "peak_memory_ratio": round(ours["peak_rss_gb"] / base["peak_rss_gb"], 3),
+            # Steps after the first: without compilation (--compile) and first-call warm-up, what a long run sees.
+            "throughput_ratio_after_first_step": (round(base["s_per_step_after_first"] / ours["s_per_step_after_first"], 3)
+                                                  if ours["s_per_step_after_first"] and base["s_per_step_after_first"] else None),
             "ours_s_per_step": ours["s_per_step"], "baseline_s_per_step": base["s_per_step"],
             "ours_peak_rss_gb": ours["peak_rss_gb"], "baseline_peak_rss_gb": base["peak_rss_gb"]}
 
@@ -153,6 +160,9 @@ def main() -> None:
     ap.add_argument("--activation-checkpointing", action="store_true",
                     help="ours with model.gradient_checkpointing (TRL 1.12's PPOConfig defaults it to on, but its "
                          "PPOTrainer never enables it, so the baseline runs without)")
+    ap.add_argument("--compile", action="store_true",
+                    help="ours with model.compile (compiled decoder layers in the updates; the compilation counts in "
+                         "the first step, so compare throughput_ratio_after_first_step)")
     ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")
