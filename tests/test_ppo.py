@@ -614,23 +614,28 @@ def _loop(cfg, tok, roles, ckpt: Path, **kw):
                     samples_path=ckpt.parent / f"{ckpt.name}-samples.jsonl", **kw)
 
 
-@pytest.mark.parametrize("algorithm", ["ppo", "rloo", "grpo", "reinforce_pp"])
-def test_resume_gives_identical_weights(tiny_rm_run, tmp_path, algorithm):
+@pytest.mark.parametrize("algorithm,compiled", [("ppo", False), ("rloo", False), ("grpo", False),
+                                                ("reinforce_pp", False), ("ppo", True)])
+def test_resume_gives_identical_weights(tiny_rm_run, tmp_path, algorithm, compiled):
     """0→4 unbroken vs 0→2, stop, new process state, resume 2→4: max abs diff ≤ 1e-6 (exact on CPU),
-    for every algorithm (the critic-free ones: 1 prompt × 4 samples, or 4 × 1, per step, no critic).
+    for every algorithm (the critic-free ones: 1 prompt × 4 samples, or 4 × 1, per step, no critic),
+    and for PPO with compiled layers (model.compile: the resumed run compiles again).
     The critic-free runs score with the RM alone (the tiny model's responses rarely reach EOS, and
     equal missing-EOS scores would give RLOO and GRPO nothing to learn: weights that never move
     would resume trivially)."""
     # RLOO and GRPO at a fresh policy: KL 0, so equal scores would mean zero advantages
     overrides = () if algorithm == "ppo" else ("ppo.missing_eos_score=null",)
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides)
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides, compile_layers=compiled)
     _loop(cfg, tok, roles, tmp_path / "a")
     unbroken = trainable_state(roles)
     assert any(v.abs().max() > 0 for k, v in unbroken.items() if "lora_B" in k)  # the policy did train
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides)
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=5, algorithm=algorithm, overrides=overrides, compile_layers=compiled)
     _loop(cfg, tok, roles, tmp_path / "b", stop_after=2)
     torch.manual_seed(999)  # disturb every RNG: resume must restore them
-    cfg, tok, roles = make_roles(tiny_rm_run, seed=77, algorithm=algorithm, overrides=overrides)  # overwritten
+    cfg, tok, roles = make_roles(tiny_rm_run, seed=77, algorithm=algorithm, overrides=overrides,  # overwritten
+                                 compile_layers=compiled)
+    if compiled:
+        torch._dynamo.reset()  # as a new process would: compile again
     last = _loop(cfg, tok, roles, tmp_path / "b")
     resumed = trainable_state(roles)
     # Resumed at the last step (a kill during the final export): no step runs, the final metrics
