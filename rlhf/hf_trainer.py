@@ -84,7 +84,7 @@ def prepare_for_training(cfg: PipelineConfig, model) -> None:
     from rlhf.recompute import train_keeping_fewer_activations
 
     if not cfg.model.gradient_checkpointing and not sharding_in_use():
-        train_keeping_fewer_activations(model)
+        train_keeping_fewer_activations(model, remake_outputs=not cfg.model.compile)
     if cfg.model.compile:
         compile_layers_for_training(model)
 

@@ -15,8 +15,13 @@ PPO policy update of SmolLM2-135M (bfloat16 base, 8 sequences of 87 tokens; a
 - RMSNorm, ~96 MB: transformers' RMSNorm casts its input to float32, and autograd keeps that
   copy. `keep_fewer_activations` gives Llama-style RMSNorms a forward that keeps the input as it
   comes (bfloat16: half the bytes) and each row's 1/rms, with autograd's chain written out.
+- What the LoRA branches keep: each projection's lora_A keeps its input for its weight's
+  gradient: the two norms' outputs and silu(gate)·up, ~110 MB more. They are cheap to make again
+  from tensors that are kept anyway, so inside `remade_activations` the backward keeps a recipe
+  for each and makes it again when it needs it (see `_Recipe`).
 
-That is ~240 MB of the ~610 (368 MB kept, counted the same way). Values are unchanged bit for
+That is ~240 MB of the ~610 without the last item (368 MB kept, counted the same way), and
+245 MB kept with it (float32: ~720 → 484 MB). Values are unchanged bit for
 bit: every forward runs the same operations as before, so a rollout's scores (no gradients,
 plain modules) still equal an update's. Gradients are autograd's own formulas on the same
 tensors: equal to the plain pass's bit for bit in tests/test_recompute.py, and on SmolLM2's
@@ -26,8 +31,11 @@ changes without gradients.
 Measured in one process, alternating, on that batch (2-core AVX512-BF16 CPU, bfloat16 base, 16
 rounds): a policy plus a value update took 1.42 s plain and 1.48 s with all three (attention
 +0.04 s, the norms and the MLPs +0.01 s each; torch's generic checkpoint in place of the attention
-kernel cost +0.08 s in an earlier run, and recomputing the norms whole under it +0.05 s).
-bench/ppo_vs_trl.py's peak resident memory went from 2.02-2.05 to 1.76-1.82 GB.
+kernel cost +0.08 s in an earlier run, and recomputing the norms whole under it +0.05 s). Making
+the LoRA inputs again added 0.03 s to 1.50 s in bfloat16 (8 rounds) and nothing measurable to
+4.2 s in float32; made once per output and shared by the branches that keep it (made for each,
+it cost 0.07 s). bench/ppo_vs_trl.py's peak resident memory went from 2.02-2.05 to
+1.76-1.82 GB with the first three, and to 1.68 GB with all four (float32: 3.7-4.1 → 3.2 GB).
 
 The SFT and RM stages train the same way (`train_keeping_fewer_activations`, with the same
 weights as without it: tests/test_recompute.py). The demo's SFT stage, 6 steps at max_length
@@ -40,7 +48,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import Iterator
+import weakref
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -198,20 +207,34 @@ def _runs_recomputable_eager(lm: nn.Module) -> bool:
             and bool(attention) and all(_model_eager_attention(m) is not None for m in attention))
 
 
-def train_keeping_fewer_activations(model: nn.Module) -> None:
+def train_keeping_fewer_activations(model: nn.Module, remake_outputs: bool = True) -> None:
     """For a model a transformers Trainer trains from here on (the SFT and RM stages): eager
     attention switched to the kernel that keeps only q, k, v for good (passes without gradients
-    still run plain eager), and `keep_fewer_activations`. The values and gradients are the plain
-    ones; a merged export or a reload gets the model's own kernel back (the kernel name is not
-    saved in its config). Not for a model that ZeRO-3 or FSDP will shard: its parameters are not
-    materialised at load time, and their wrappers own the modules; nor with activation
-    checkpointing, where each layer keeps only its input anyway (hf_trainer.prepare_for_training
-    checks both)."""
+    still run plain eager), `keep_fewer_activations`, and, with `remake_outputs`, every forward
+    run inside `remade_activations` (off for compiled layers, which choose what to keep
+    themselves). The values and gradients are the plain ones; a merged export or a reload gets the
+    model's own kernel back (the kernel name is not saved in its config). Not for a model that
+    ZeRO-3 or FSDP will shard: its parameters are not materialised at load time, and their
+    wrappers own the modules; nor with activation checkpointing, where each layer keeps only its
+    input anyway (hf_trainer.prepare_for_training checks both)."""
     lm = _transformers_model(model)
     if _runs_recomputable_eager(lm):
         _register_attention()
         lm.set_attn_implementation(RECOMPUTED_EAGER)
     keep_fewer_activations(model)
+    if remake_outputs and "forward" not in vars(lm):  # not over accelerate's offloading hooks
+        lm.forward = _remaking_forward(lm.forward)
+
+
+def _remaking_forward(forward: Callable) -> Callable:
+    """`forward` inside `remade_activations`: what its backward keeps is decided during the
+    forward, so the backward, run later by the Trainer, needs no context of its own. Wrapped so
+    that the Trainer still reads the model's own signature (the columns it keeps)."""
+    @functools.wraps(forward)
+    def run(*args, **kwargs):
+        with remade_activations():
+            return forward(*args, **kwargs)
+    return run
 
 
 class _SiluTimes(torch.autograd.Function):
@@ -221,7 +244,7 @@ class _SiluTimes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+        return _silu_times(gate, up)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -238,8 +261,7 @@ class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         x32 = x.to(torch.float32)
-        variance = x32.pow(2).mean(-1, keepdim=True)
-        inv_rms = torch.rsqrt(variance + eps)
+        inv_rms = _inv_rms(x32, eps)
         ctx.save_for_backward(x, inv_rms, weight)
         return weight * (x32 * inv_rms).to(x.dtype)
 
@@ -267,11 +289,14 @@ def _rmsnorm_forward(norm: nn.Module):
     plain = norm.forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        if not (torch.is_grad_enabled() and x.requires_grad and not norm.weight.requires_grad):
+            return plain(x)
         # A float32 input is its own float32 copy: nothing to keep less, and the plain graph's
         # gradient sums in its own order with the residual stream's.
-        if torch.is_grad_enabled() and x.requires_grad and x.dtype != torch.float32 and not norm.weight.requires_grad:
-            return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
-        return plain(x)
+        if x.dtype == torch.float32:
+            return _remade_later(plain(x), _no_grad(plain), x)
+        out = _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+        return _remade_later(out, _normed, x, norm.weight, norm.variance_epsilon)
     return forward
 
 
@@ -279,9 +304,109 @@ def _swiglu_forward(mlp: nn.Module):
     def forward(x: torch.Tensor) -> torch.Tensor:
         gate, up = mlp.gate_proj(x), mlp.up_proj(x)
         if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return mlp.down_proj(_SiluTimes.apply(gate, up))
+            return mlp.down_proj(_remade_later(_SiluTimes.apply(gate, up), _silu_times, gate, up))
         return mlp.down_proj(F.silu(gate) * up)
     return forward
+
+
+def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def _inv_rms(x32: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)  # Llama's RMSNorm's operations
+
+
+def _normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """_RMSNorm's output, made again from its input."""
+    x32 = x.to(torch.float32)
+    return weight * (x32 * _inv_rms(x32, eps)).to(x.dtype)
+
+
+def _no_grad(forward: Callable) -> Callable:
+    def run(*args):
+        with torch.no_grad():
+            return forward(*args)
+    return run
+
+
+# Remade activations. The outputs of the norms and of silu(gate)·up are what the LoRA branches
+# of the next projections keep for their weights' gradients (lora_A multiplies them): one norm
+# output for q, k and v, one for gate and up, and silu(gate)·up for down_proj, ~110 MB of the
+# 368 of a SmolLM2 policy micro-batch in bfloat16 and ~220 of ~720 in float32. They are cheap to
+# make again from tensors that are kept anyway (the norm's input and 1/rms, or gate and up), so
+# inside `remade_activations` such an output is registered when it is made, and a backward that
+# would keep it keeps the recipe instead (saved_tensors_hooks) and makes it again when it needs
+# it, with the same operations on the same tensors: the same values bit for bit.
+_REMADE: dict[int, tuple] = {}  # data address -> (weakref to the output, its _Recipe)
+_remaking = False
+
+
+class _Recipe:
+    """How to make one registered output again. Several backward nodes may keep the same output
+    (q, k and v's LoRA branches share one norm output): it is made once, at the first of them,
+    and held until the last of them has taken it."""
+
+    __slots__ = ("make", "inputs", "kept", "taken", "made")
+
+    def __init__(self, make: Callable, inputs: tuple):
+        self.make, self.inputs, self.kept, self.taken, self.made = make, inputs, 0, 0, None
+
+    def take(self) -> torch.Tensor:
+        made = self.made
+        if made is None:
+            with torch.no_grad():
+                made = self.make(*self.inputs)
+        self.taken += 1
+        # Held for the others that keep it; a second backward through a retained graph makes it again.
+        self.made = made if self.taken < self.kept else None
+        return made
+
+
+def _remade_later(output: torch.Tensor, make: Callable, *inputs) -> torch.Tensor:
+    """Register `output` (== make(*inputs)) to be made again instead of kept, inside
+    `remade_activations`; returns `output`."""
+    if _remaking and output.is_contiguous():
+        _REMADE[output.data_ptr()] = (weakref.ref(output), _Recipe(make, inputs))
+    return output
+
+
+def _pack(t: torch.Tensor):
+    entry = _REMADE.get(t.data_ptr()) if t.layout == torch.strided else None
+    if entry is not None:
+        output = entry[0]()
+        # The kept tensor must be the registered output itself or a view of all of it in the same
+        # layout (F.linear keeps a 3-D input flattened to 2-D). Memory at that address can belong to
+        # one live tensor only, and a tensor that reuses the memory of a dead output finds its
+        # weakref dead.
+        if (output is not None and t.numel() == output.numel() and t.dtype == output.dtype and t.is_contiguous()):
+            entry[1].kept += 1
+            return entry[1], t.shape
+    return t
+
+
+def _unpack(packed):
+    if isinstance(packed, tuple):
+        recipe, shape = packed
+        return recipe.take().view(shape)
+    return packed
+
+
+@contextlib.contextmanager
+def remade_activations() -> Iterator[None]:
+    """Inside the block, the forward passes of modules that `keep_fewer_activations` changed
+    register their outputs, and the backward keeps a recipe for each instead of the tensor (see
+    above). Not inside torch.compile'd code (model.compile keeps its own choice of tensors)."""
+    global _remaking
+    outer = _remaking
+    _remaking = True
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _remaking = outer
+        if not outer:
+            _REMADE.clear()
 
 
 def _is_swiglu(mlp: nn.Module) -> bool:

@@ -3,10 +3,13 @@ gradients bit for bit, keeps fewer bytes, and leaves what it cannot recompute ex
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
-from rlhf.recompute import RECOMPUTED_EAGER, keep_fewer_activations, recomputed_attention
+import rlhf.recompute
+from rlhf.recompute import RECOMPUTED_EAGER, keep_fewer_activations, recomputed_attention, remade_activations
 
 
 def _lora_lm(dtype: torch.dtype = torch.float32, **config):
@@ -49,12 +52,19 @@ def _training_pass(model, recompute: bool):
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
+    def pack_remade(t: torch.Tensor):
+        packed = rlhf.recompute._pack(t)  # remade_activations' own hook, then the count
+        return pack(packed) if isinstance(packed, torch.Tensor) else packed
+
     low = next(model.parameters()).dtype == torch.bfloat16
-    attention = recomputed_attention(model) if recompute else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
-    with attention, torch.autocast("cpu", dtype=torch.bfloat16, enabled=low), \
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=ids, attention_mask=mask).logits.float()
-    (logits.sin() * mask[..., None]).sum().backward()
+    hooks = (pack_remade, rlhf.recompute._unpack) if recompute else (pack, lambda t: t)
+    with contextlib.ExitStack() as stack:
+        if recompute:
+            stack.enter_context(recomputed_attention(model))
+            stack.enter_context(remade_activations())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low), torch.autograd.graph.saved_tensors_hooks(*hooks):
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+        (logits.sin() * mask[..., None]).sum().backward()
     grads = {n: p.grad for n, p in params.items() if p.requires_grad}
     return logits.detach(), grads, sum(kept.values())
 
@@ -70,12 +80,15 @@ def test_recomputed_pass_equals_the_plain_one_and_keeps_fewer_bytes(dtype):
     assert plain[1].keys() == lean[1].keys() and len(plain[1]) == 2 * 7 * 2  # A and B of 7 linears × 2 layers
     for name, grad in plain[1].items():
         assert grad is not None and torch.equal(lean[1][name], grad), name
-    # What goes: the attention probabilities and repeated keys/values, and silu(gate). At least the float32 probabilities and silu(gate) of every layer must be gone.
+    # What goes: the attention probabilities and repeated keys/values, silu(gate), and the outputs
+    # the LoRA branches would keep (both norms', silu(gate)·up), made again. At least the float32
+    # probabilities, silu(gate), and those outputs of every layer must be gone.
     cfg = model.get_base_model().config
     rows, length = _batch()[0].shape
     probabilities = cfg.num_hidden_layers * rows * cfg.num_attention_heads * length**2 * 4
     silu = cfg.num_hidden_layers * rows * length * cfg.intermediate_size * dtype.itemsize
-    assert plain[2] - lean[2] >= probabilities + silu
+    remade = cfg.num_hidden_layers * rows * length * (2 * cfg.hidden_size + cfg.intermediate_size) * dtype.itemsize
+    assert plain[2] - lean[2] >= probabilities + silu + remade
     assert model.get_base_model().config._attn_implementation == "eager"  # restored after the pass
 
 
@@ -146,8 +159,9 @@ def test_the_kernels_are_used_for_the_standard_eager_function_and_rmsnorm_only()
 
 
 def test_sft_and_rm_stages_train_the_same_weights_as_without_the_kernels(tmp_path, monkeypatch):
-    """The SFT and RM stages train with eager attention's kernel and the leaner norms and MLPs;
-    trained again with them off, the adapters and the score head come out the same bit for bit."""
+    """The SFT and RM stages train with eager attention's kernel, the leaner norms and MLPs and
+    their outputs made again in the backward; trained again with them off, the adapters and the
+    score head come out the same bit for bit."""
     from safetensors.torch import load_file
 
     import rlhf.recompute
@@ -161,9 +175,9 @@ def test_sft_and_rm_stages_train_the_same_weights_as_without_the_kernels(tmp_pat
     for kernels in (True, False):
         seen = []
 
-        def spy(model, kernels=kernels, seen=seen):
+        def spy(model, kernels=kernels, seen=seen, **kwargs):
             if kernels:
-                real(model)
+                real(model, **kwargs)
             seen.append((model.config._attn_implementation, sum("forward" in vars(m) for m in model.modules())))
 
         monkeypatch.setattr(rlhf.recompute, "train_keeping_fewer_activations", spy)
@@ -173,8 +187,9 @@ def test_sft_and_rm_stages_train_the_same_weights_as_without_the_kernels(tmp_pat
         with one_torch_thread():
             sft.run(cfg)
             rm.run(cfg)
-        # Both stages' models: 2 layers × (2 norms + an MLP) and the final norm changed, and the kernel on.
-        assert seen == ([(rlhf.recompute.RECOMPUTED_EAGER, 7)] * 2 if kernels else [("eager", 0)] * 2)
+        # Both stages' models: 2 layers × (2 norms + an MLP), the final norm and the model's forward
+        # (inside remade_activations) changed, and the kernel on.
+        assert seen == ([(rlhf.recompute.RECOMPUTED_EAGER, 8)] * 2 if kernels else [("eager", 0)] * 2)
         runs[kernels] = cfg
     for stage, files in (("sft", ["adapter_model.safetensors"]), ("rm", ["adapter_model.safetensors", "score_head.safetensors"])):
         for name in files:

@@ -40,7 +40,7 @@ from torch import nn
 
 from rlhf.compile_layers import compile_layer_forwards, compiled_layers
 from rlhf.models import attention_implementation
-from rlhf.recompute import keep_fewer_activations, recomputed_attention
+from rlhf.recompute import keep_fewer_activations, recomputed_attention, remade_activations
 from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
 
 
@@ -81,7 +81,10 @@ class Roles:
             # Without layer checkpointing, attention keeps only its inputs (rlhf.recompute); with it the
             # whole layer is recomputed anyway.
             attention = contextlib.nullcontext() if self.activation_checkpointing else recomputed_attention(self.model)
-            with _adapter_flags(self.model, adapter), attention, compiled_layers(self.compiled):
+            # Norm and SwiGLU outputs made again in the backward (rlhf.recompute); compiled layers
+            # choose what to keep themselves.
+            remade = contextlib.nullcontext() if self.activation_checkpointing or self.compiled else remade_activations()
+            with _adapter_flags(self.model, adapter), attention, remade, compiled_layers(self.compiled):
                 yield
         finally:
             for layer, training in zip(layers, saved):
