@@ -38,9 +38,10 @@ def _batch():
 
 
 def _training_pass(model, recompute: bool):
-    """One forward and backward under bfloat16 autocast where the base is bfloat16 (as PPO's
-    updates run). Returns the logits, every LoRA gradient, and the bytes the forward kept for its
-    backward (parameters and their views excluded)."""
+    """One forward and backward under bfloat16 autocast where the base is bfloat16 (as the
+    stages train). Returns the logits, every LoRA gradient, the bytes the forward kept for its
+    backward (parameters and their views excluded), and the bytes of the tensors it kept recipes
+    for instead (remade_activations)."""
     ids, mask = _batch()
     params = dict(model.named_parameters())
     param_storages = {p.untyped_storage().data_ptr() for p in params.values()}
@@ -52,13 +53,22 @@ def _training_pass(model, recompute: bool):
             kept[storage.data_ptr()] = storage.nbytes()
         return t
 
+    remade: dict[int, tuple] = {}  # id -> (recipe, bytes of the tensor it stands for)
+
     def pack_remade(t: torch.Tensor):
         packed = rlhf.recompute._pack(t)  # remade_activations' own hook, then the count
-        return pack(packed) if isinstance(packed, torch.Tensor) else packed
+        if isinstance(packed, torch.Tensor):
+            return pack(packed)
+        remade[id(packed[0])] = (packed[0], t.untyped_storage().nbytes())
+        return packed
+
+    from peft.helpers import disable_input_dtype_casting
 
     low = next(model.parameters()).dtype == torch.bfloat16
     hooks = (pack_remade, rlhf.recompute._unpack) if recompute else (pack, lambda t: t)
-    with contextlib.ExitStack() as stack:
+    # As the stages train under autocast: LoRA branches take their input as it comes (roles.use_adapter,
+    # best_checkpoint.train), not a float32 copy that autocast would cast straight back.
+    with contextlib.ExitStack() as stack, disable_input_dtype_casting(model, active=low):
         if recompute:
             stack.enter_context(recomputed_attention(model))
             stack.enter_context(remade_activations())
@@ -66,7 +76,7 @@ def _training_pass(model, recompute: bool):
             logits = model(input_ids=ids, attention_mask=mask).logits.float()
         (logits.sin() * mask[..., None]).sum().backward()
     grads = {n: p.grad for n, p in params.items() if p.requires_grad}
-    return logits.detach(), grads, sum(kept.values())
+    return logits.detach(), grads, sum(kept.values()), sum(b for _, b in remade.values())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -82,12 +92,16 @@ def test_recomputed_pass_equals_the_plain_one_and_keeps_fewer_bytes(dtype):
         assert grad is not None and torch.equal(lean[1][name], grad), name
     # What goes: the attention probabilities and repeated keys/values, silu(gate), and the outputs
     # the LoRA branches would keep (both norms', silu(gate)·up), made again. At least the float32
-    # probabilities, silu(gate), and those outputs of every layer must be gone.
+    # probabilities, silu(gate), and those outputs of every layer must be gone, the outputs into
+    # recipes.
     cfg = model.get_base_model().config
     rows, length = _batch()[0].shape
     probabilities = cfg.num_hidden_layers * rows * cfg.num_attention_heads * length**2 * 4
     silu = cfg.num_hidden_layers * rows * length * cfg.intermediate_size * dtype.itemsize
-    remade = cfg.num_hidden_layers * rows * length * (2 * cfg.hidden_size + cfg.intermediate_size) * dtype.itemsize
+    # (The first layer's input norm reads the frozen embeddings: no gradient, nothing registered.)
+    remade = (cfg.num_hidden_layers * (2 * cfg.hidden_size + cfg.intermediate_size) - cfg.hidden_size) \
+        * rows * length * dtype.itemsize
+    assert lean[3] >= remade
     assert plain[2] - lean[2] >= probabilities + silu + remade
     assert model.get_base_model().config._attn_implementation == "eager"  # restored after the pass
 
