@@ -76,14 +76,19 @@ def _require_compiler(device: str) -> None:
 @contextlib.contextmanager
 def compiled_layers(forwards: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
     """Context: the given layers run their compiled forward (an instance attribute, which
-    nn.Module's call prefers to the class's), and their own again afterwards."""
+    nn.Module's call prefers to the class's), and their own again afterwards (an instance forward
+    they had before, such as accelerate's offloading hook, included)."""
+    own = [vars(layer).get("forward") for layer, _ in forwards]
     try:
         for layer, forward in forwards:
             layer.forward = forward
         yield
     finally:
-        for layer, _ in forwards:
-            layer.__dict__.pop("forward", None)
+        for (layer, _), forward in zip(forwards, own):
+            if forward is None:
+                vars(layer).pop("forward", None)
+            else:
+                layer.forward = forward
 
 
 def compile_layers_for_training(model: nn.Module) -> int:

@@ -366,7 +366,7 @@ class _Recipe:
 def _remade_later(output: torch.Tensor, make: Callable, *inputs) -> torch.Tensor:
     """Register `output` (== make(*inputs)) to be made again instead of kept, inside
     `remade_activations`; returns `output`."""
-    if _remaking and output.is_contiguous():
+    if _remaking and output.is_contiguous() and output.numel():
         _REMADE[output.data_ptr()] = (weakref.ref(output), _Recipe(make, inputs))
     return output
 

@@ -93,3 +93,20 @@ def test_a_missing_compiler_is_a_user_error_before_training(monkeypatch, tmp_pat
     monkeypatch.delenv("CXX", raising=False)
     with pytest.raises(UserError, match="model.compile needs a C\\+\\+ compiler"):
         compile_layer_forwards(torch.nn.Linear(2, 2))
+
+
+def test_compiled_layers_give_back_an_instance_forward_they_found():
+    """A layer that already had an instance forward (accelerate's offloading hook sets one) gets it
+    back after the block, and a layer without one gets none."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from rlhf.compile_layers import compiled_layers
+
+    cfg = LlamaConfig(hidden_size=8, intermediate_size=16, num_attention_heads=2, num_key_value_heads=1)
+    hooked, plain = LlamaDecoderLayer(cfg, 0), LlamaDecoderLayer(cfg, 1)
+    hook = hooked.forward
+    hooked.forward = hook
+    with compiled_layers([(hooked, "compiled"), (plain, "compiled")]):
+        assert hooked.forward == "compiled" and plain.forward == "compiled"
+    assert vars(hooked)["forward"] is hook and "forward" not in vars(plain)
