@@ -4,9 +4,10 @@ Why layers and why only training: eager PyTorch runs every elementwise operation
 (RMSNorm, rotary embeddings, SiLU·up, LoRA's scale-and-add, autocast's casts) as its own kernel,
 each paying a dispatch and a pass over memory. Measured on the PPO benchmark's batch (SmolLM2,
 bfloat16 base, 8 × 87 tokens, 2-core AVX512-BF16 CPU; bench/ppo_profile.py --compile-layers), a
-compiler fusing those chains takes the policy update from 44 to 53 % of the measured matmul peak
-and the value update from 48 to 61 % (0.91 → 0.75 s and 0.73 → 0.58 s). Every decoder layer of a
-model runs the same code, so one compilation serves them all.
+compiler fusing those chains takes the policy update from 41 to 52.5 % of the measured matmul
+peak and the value update from 45 to 61 % (0.86 → 0.68 s and 0.69 → 0.51 s), and a PPO step
+12 % shorter once compiled. Every decoder layer of a model runs the same code, so one
+compilation serves them all.
 
 Sampling stays eager: decoding changes the sequence length at every token and runs another
 attention kernel (models.no_grad_attn_implementation), so it would compile again and again for
@@ -14,8 +15,8 @@ little gain. PPO's rollout scoring stays eager too, so the log-probabilities PPO
 from the same kernels they always did; with compiled updates they equal the rollout's to a
 rounding (fused kernels round in another order), not bit for bit as in eager.
 
-The cost is the compilation: on a 2-core CPU ~15 s for the first graph, a few seconds for each
-other adapter or grad mode (inductor's on-disk cache makes later runs cheaper). It pays back over
+The cost is the compilation: on a 2-core CPU ~25 s for the first graph, ~10 s for each other
+adapter or grad mode (inductor's on-disk cache makes later runs cheaper). It pays back over
 long runs, not in a 16-step demo; hence opt-in. Shapes are compiled as dynamic from the start:
 every batch has its own padded length, and a static first graph would only be compiled again.
 """
