@@ -9,6 +9,13 @@ peak and the value update from 45 to 61 % (0.86 → 0.68 s and 0.69 → 0.51 s),
 12 % shorter once compiled. Every decoder layer of a model runs the same code, so one
 compilation serves them all.
 
+Numbers: in float32 a compiled run gives eager's results to a rounding (the demo SFT, 16
+steps: every logged loss equal to ~1e-6). In bfloat16 the fused kernels keep each layer's
+elementwise chains in float32 and round once, where eager rounds after every operation, so the
+two differ by more, and the compiled run is the one closer to float32: the demo SFT's per-step
+losses stayed within 0.06 of a float32 run's compiled, and were up to 0.28 above it eager (step
+5; 0.02 by step 16): eager bfloat16 loses part of the small early LoRA updates to rounding.
+
 Sampling stays eager: decoding changes the sequence length at every token and runs another
 attention kernel (models.no_grad_attn_implementation), so it would compile again and again for
 little gain. PPO's rollout scoring stays eager too, so the log-probabilities PPO compares come
