@@ -106,7 +106,6 @@ def instrument_trl112() -> None:
     ppo.PPOTrainer.train = ends_loop(timed(ppo.PPOTrainer.train, "total", nests=False))
 
 
-
 def instrument_ours() -> None:
     import rlhf.ppo.rollout as rollout
     import rlhf.ppo.trainer as trainer

@@ -294,7 +294,7 @@ def _rmsnorm_forward(norm: nn.Module):
         # A float32 input is its own float32 copy: nothing to keep less, and the plain graph's
         # gradient sums in its own order with the residual stream's.
         if x.dtype == torch.float32:
-            return _remade_later(plain(x), _no_grad(plain), x)
+            return _remade_later(plain(x), plain, x)
         out = _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
         return _remade_later(out, _normed, x, norm.weight, norm.variance_epsilon)
     return forward
@@ -321,13 +321,6 @@ def _normed(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """_RMSNorm's output, made again from its input."""
     x32 = x.to(torch.float32)
     return weight * (x32 * _inv_rms(x32, eps)).to(x.dtype)
-
-
-def _no_grad(forward: Callable) -> Callable:
-    def run(*args):
-        with torch.no_grad():
-            return forward(*args)
-    return run
 
 
 # Remade activations. The outputs of the norms and of silu(gate)·up are what the LoRA branches

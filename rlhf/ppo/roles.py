@@ -38,7 +38,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from rlhf.compile_layers import compile_layer_forwards, compiled_layers
+from rlhf.compile_layers import compile_layer_forwards, compiled_layers, decoder_layers
 from rlhf.models import attention_implementation
 from rlhf.recompute import keep_fewer_activations, recomputed_attention, remade_activations
 from rlhf.rm import SCORE_HEAD_FILE  # the RM stage writes the score head there; the roles read it
@@ -118,9 +118,7 @@ def _tuner_layers(model: nn.Module):
 
 def _checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     """The decoder layers that transformers' activation checkpointing was enabled on."""
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    return [m for m in decoder_layers(model) if m.gradient_checkpointing]
 
 
 def _low_precision(model: nn.Module) -> bool:
