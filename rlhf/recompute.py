@@ -340,7 +340,7 @@ class _Recipe:
     (q, k and v's LoRA branches share one norm output): it is made once, at the first of them,
     and held until the last of them has taken it."""
 
-    __slots__ = ("make", "inputs", "kept", "taken", "made")
+    __slots__ = ("make", "inputs", "kept", "taken", "made", "__weakref__")
 
     def __init__(self, make: Callable, inputs: tuple):
         self.make, self.inputs, self.kept, self.taken, self.made = make, inputs, 0, 0, None
@@ -360,8 +360,20 @@ def _remade_later(output: torch.Tensor, make: Callable, *inputs) -> torch.Tensor
     """Register `output` (== make(*inputs)) to be made again instead of kept, inside
     `remade_activations`; returns `output`."""
     if _remaking and output.is_contiguous() and output.numel():
-        _REMADE[output.data_ptr()] = (weakref.ref(output), _Recipe(make, inputs))
+        address = output.data_ptr()
+        _REMADE[address] = (weakref.ref(output, functools.partial(_forget, address)), _Recipe(make, inputs))
     return output
+
+
+def _forget(address: int, dead: weakref.ref) -> None:
+    """Drop the registry's entry for an output that has died. From then on only the backward nodes
+    that packed its recipe hold the recipe, and with it the tensors it makes the output from: they
+    are freed with the last of those nodes, layer by layer, instead of all at the end of the
+    block (0.34 GB of float32 gate and up tensors a SmolLM2 policy micro-batch held through its
+    whole backward)."""
+    entry = _REMADE.get(address)
+    if entry is not None and entry[0] is dead:
+        del _REMADE[address]
 
 
 def _pack(t: torch.Tensor):

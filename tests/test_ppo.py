@@ -300,6 +300,33 @@ def test_bfloat16_base_keeps_trained_and_compared_tensors_float32(tiny_rm_run):
     assert any(not torch.equal(b, p) for b, p in zip(before, roles.policy_parameters()))
 
 
+def test_gradient_buffers_are_made_before_the_first_pass_and_kept(tiny_rm_run):
+    """make_optimizer gives every trained parameter a zeroed gradient buffer before any pass, and
+    the updates zero it in place instead of freeing it (so each step's gradients do not land between
+    its activations in the heap); the trained weights are those of buffers made by the first backward."""
+    from rlhf.ppo.trainer import make_optimizer, ppo_update
+
+    runs = []
+    for made_first in (True, False):
+        cfg, tok, roles = make_roles(tiny_rm_run)
+        ro = rollout_for(cfg, tok, roles, n=4, micro=2)
+        ppo = cfg.ppo.model_copy(update={"ppo_epochs": 2, "micro_batch_size": 2, "learning_rate": 1e-2})
+        optimizer, scheduler = make_optimizer(roles, ppo, 2)
+        trained = [p for g in optimizer.param_groups for p in g["params"]]
+        assert len(trained) == len(roles.policy_parameters() + roles.value_parameters())
+        assert all(p.grad is not None and not p.grad.any() for p in trained)
+        if not made_first:
+            for p in trained:
+                p.grad = None
+        buffers = [p.grad for p in trained]
+        targets = compute_targets(ro, final_scores(ro.scores, ro.has_stop, ppo, 0.0), ppo, ppo.kl_coef)
+        ppo_update(roles, ro, targets, optimizer, scheduler, ppo, torch.Generator().manual_seed(0))
+        if made_first:  # after the optimizer steps, the same tensors, zeroed
+            assert all(p.grad is b and not b.any() for p, b in zip(trained, buffers))
+        runs.append([p.detach().clone() for p in trained])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
 def sampled_and_forward_logprobs(cfg, tok, roles, sampling_context):
     """Sample 10 tokens for 3 prompts inside `sampling_context` and return (the sampler's own log-probs
     (logits / T), the policy's and the reference's log-probs from a padded forward pass), each (3, 10)."""

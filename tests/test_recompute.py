@@ -4,6 +4,7 @@ gradients bit for bit, keeps fewer bytes, and leaves what it cannot recompute ex
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import pytest
 import torch
@@ -104,6 +105,30 @@ def test_recomputed_pass_equals_the_plain_one_and_keeps_fewer_bytes(dtype):
     assert lean[3] >= remade
     assert plain[2] - lean[2] >= probabilities + silu + remade
     assert model.get_base_model().config._attn_implementation == "eager"  # restored after the pass
+
+
+def test_a_recipe_and_the_tensors_it_makes_its_output_from_go_with_the_backward():
+    """A recipe holds what it makes its output from (a norm's input and 1/rms, gate and up). Once
+    the output has died, only the backward nodes that kept the recipe hold it, so those tensors
+    are freed layer by layer as the backward runs, not all at the end of the block."""
+    model = _lora_lm()
+    keep_fewer_activations(model)
+    ids, mask = _batch()
+    recipes = []
+
+    def pack(t: torch.Tensor):
+        packed = rlhf.recompute._pack(t)
+        if not isinstance(packed, torch.Tensor):
+            recipes.append(weakref.ref(packed[0]))
+        return packed
+
+    with remade_activations():
+        with torch.autograd.graph.saved_tensors_hooks(pack, rlhf.recompute._unpack):
+            loss = model(input_ids=ids, attention_mask=mask).logits.sin().sum()
+        assert recipes and all(r() is not None for r in recipes)  # held by the graph until its backward
+        assert not rlhf.recompute._REMADE  # the registry forgot each output when it died
+        loss.backward()
+        assert all(r() is None for r in recipes)
 
 
 def test_attention_dropout_draws_the_same_masks_when_recomputed():

