@@ -382,8 +382,8 @@ def _pack(t: torch.Tensor):
         output = entry[0]()
         # The kept tensor must be the registered output itself or a view of all of it in the same
         # layout (F.linear keeps a 3-D input flattened to 2-D). Memory at that address can belong to
-        # one live tensor only, and a tensor that reuses the memory of a dead output finds its
-        # weakref dead.
+        # one live tensor only, and a dead output's entry is gone (_forget) or, failing that, its
+        # weakref dead, so a tensor that reuses the memory is never taken for it.
         if (output is not None and t.numel() == output.numel() and t.dtype == output.dtype and t.is_contiguous()):
             entry[1].kept += 1
             return entry[1], t.shape
