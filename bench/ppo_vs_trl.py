@@ -16,7 +16,10 @@ that dtype and sets PPOConfig(bf16=...); our frozen shared base is loaded in it,
 weights, heads, logits and log-probs stay float32, as peft keeps the baseline's LoRA weights).
 Default auto: bfloat16 where the hardware multiplies it natively, float32 otherwise; `--dtype both`
 prints one comparison in each precision. Ours runs with our defaults (model_kwargs: eager
-attention on a CPU); the baseline with TRL's.
+attention on a CPU) and under the C allocator setting the `rlhf` command runs under
+(rlhf.allocator: glibc's tcache off); the baseline with TRL's defaults, in the environment this
+script was started in. `--baseline-allocator` runs the baseline under our allocator setting too,
+which separates what that setting gives from the rest.
 """
 
 from __future__ import annotations
@@ -122,7 +125,10 @@ def compare(a, dtype: str, env: dict, adapter: Path, common: list[str]) -> dict:
     ours_cmd += ["--dtype", dtype] + (["--value-on-policy"] if a.value_on_policy else [])
     ours_cmd += ["--activation-checkpointing"] if a.activation_checkpointing else []
     ours_cmd += ["--compile"] if a.compile else []
-    ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=env, check=True).stdout)
+    from rlhf.allocator import glibc_version, tuned_environment
+
+    tuned = tuned_environment(env, glibc_version()) or env  # what `rlhf` would run under
+    ours = last_json(subprocess.run(ours_cmd, capture_output=True, text=True, env=tuned, check=True).stdout)
     print(json.dumps(ours), flush=True)
     if a.skip_baseline:
         return {}
@@ -130,13 +136,14 @@ def compare(a, dtype: str, env: dict, adapter: Path, common: list[str]) -> dict:
     # The baseline script runs unchanged, under bench/phase_times.py's wrappers (its phases' wall times).
     base_cmd = [py, str(Path(__file__).with_name("phase_times.py")), str(SHARED / "trl112_ppo_baseline.py"),
                 a.model_dir, *common, "--dtype", dtype]
-    out = subprocess.run(base_cmd, capture_output=True, text=True, env=env, check=True).stdout
+    out = subprocess.run(base_cmd, capture_output=True, text=True, env=tuned if a.baseline_allocator else env, check=True).stdout
     base, timing = last_json(out), last_json(out, "phases_s")
     phases = timing["phases_s"]
     base["s_per_step_after_first"] = timing["s_per_step_after_first"]
     base["phases_s_per_step"] = per_step(phases, phases["total"], a.steps)
     print(json.dumps(base), flush=True)
-    return {"dtype": dtype, "throughput_ratio": round(ours["episodes_per_s"] / base["episodes_per_s"], 3),
+    return {"dtype": dtype, "baseline_allocator": "ours" if a.baseline_allocator else "default",
+            "ours_glibc_tunables": tuned.get("GLIBC_TUNABLES"), "throughput_ratio": round(ours["episodes_per_s"] / base["episodes_per_s"], 3),
             "peak_memory_ratio": round(ours["peak_rss_gb"] / base["peak_rss_gb"], 3),
             # Steps after the first: without compilation (--compile) and first-call warm-up, what a long run sees.
             "throughput_ratio_after_first_step": (round(base["s_per_step_after_first"] / ours["s_per_step_after_first"], 3)
@@ -166,6 +173,8 @@ def main() -> None:
     ap.add_argument("--ours", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--adapter", help=argparse.SUPPRESS)
     ap.add_argument("--skip-baseline", action="store_true", help="measure ours only")
+    ap.add_argument("--baseline-allocator", action="store_true",
+                    help="run the baseline under our C allocator setting too (rlhf.allocator), not its default")
     a = ap.parse_args()
     if a.model_dir is None:
         from rlhf.config import ModelConfig

@@ -373,6 +373,9 @@ def config_reference() -> None:
 
 
 def main() -> None:
+    from rlhf.allocator import restart_with_tuned_allocator
+
+    restart_with_tuned_allocator()  # before anything allocates much: glibc reads its settings at start
     app()
 
 

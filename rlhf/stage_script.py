@@ -11,6 +11,7 @@ import os
 import sys
 from typing import Callable, NoReturn
 
+from rlhf.allocator import restart_with_tuned_allocator
 from rlhf.cli import friendly_errors, setup_logging
 from rlhf.config import PipelineConfig, load_config
 from rlhf.errors import UserError
@@ -48,6 +49,8 @@ def init_processes():
 
 
 def stage_script(run: Callable[[PipelineConfig], object], description: str) -> None:
+    restart_with_tuned_allocator()  # a no-op when `rlhf` launched us: its setting is inherited
+
     @friendly_errors
     def main() -> None:
         parser = argparse.ArgumentParser(description=description)
