@@ -10,8 +10,9 @@ next tensor of that size, which asks for n plus the alignment's slack (glibc bef
 looks for an already aligned spot). Through a PPO step the heap therefore grows far past what is
 in use: on SmolLM2 in float32, 0.86-1.0 GB in use in a heap of 2.2-2.4 GB. With the tcache off
 the slivers go to glibc's fast bins, which it merges into their neighbours before every large
-request, and the holes are reused: peak RSS of the PPO benchmark 2.37-2.48 GB instead of
-2.75-2.96 in float32 and 1.61 instead of 1.71 in bfloat16, at the same speed (bench/README.md).
+request, and the holes are reused: peak RSS of our side of the PPO benchmark 2.37-2.48 GB
+instead of 2.74-2.96 in float32 and 1.57-1.61 instead of 1.71-1.77 in bfloat16, at the same
+speed (bench/README.md).
 
 glibc reads the setting (`GLIBC_TUNABLES`) only when a process starts, so the command starts
 itself again, once, with it added, before it imports anything heavy; the processes it launches
